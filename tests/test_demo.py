@@ -1,0 +1,90 @@
+"""The main demo (``make demo``) on tiny settings: files, report fields, and fidelity (vidaccel's
+dense attention reproduces the stock clip)."""
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import imageio.v2 as imageio
+import pytest
+
+DEMO = Path(__file__).resolve().parents[1] / "demos" / "tiny_wan_demo.py"
+FRAMES, HEIGHT, WIDTH = 5, 32, 48
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("tiny_wan_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return _load_demo()
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    argv = ["--out", str(out), "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
+    report = demo.main([*argv, "--steps", "2", "--repeats", "1", "--seed", "3"])
+    return out, report
+
+
+def test_demo_writes_videos_and_report(demo_run):
+    out, report = demo_run
+    assert json.loads((out / "report.json").read_text()) == report
+    suffix = ".mp4" if importlib.util.find_spec("imageio_ffmpeg") is not None else ".gif"
+    assert report["videos"] == {name: name + suffix for name in ("stock", "vidaccel", "side_by_side")}
+    for name, width in (("stock", WIDTH), ("vidaccel", WIDTH), ("side_by_side", 2 * WIDTH)):
+        frames = imageio.mimread(out / report["videos"][name])
+        assert len(frames) == FRAMES, name
+        height, video_width = frames[0].shape[:2]
+        # Upscaled by one integer factor for viewing, aspect ratio kept.
+        assert height % HEIGHT == 0 and video_width == width * (height // HEIGHT), (name, frames[0].shape)
+
+
+def test_demo_report_fields(demo_run):
+    _, report = demo_run
+    settings = report["settings"]
+    chosen = {key: settings[key] for key in ("frames", "height", "width", "steps", "seed")}
+    assert chosen == {"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "steps": 2, "seed": 3}
+    assert settings["token_grid"] == [(FRAMES - 1) // 4 + 1, HEIGHT // 16, WIDTH // 16]
+    assert set(report["runs"]) == {"stock", "stock_sdpa_math", "vidaccel"}
+    assert all(run["seconds"] > 0 for run in report["runs"].values())
+    assert report["speedup"] == pytest.approx(
+        report["runs"]["stock"]["seconds"] / report["runs"]["vidaccel"]["seconds"]
+    )
+    assert set(report["fidelity"]) == {"vidaccel", "stock_sdpa_math"}
+    for fidelity in report["fidelity"].values():
+        assert set(fidelity) == {"psnr_db", "identical", "ssim", "max_abs_diff"}
+        assert fidelity["identical"] == (fidelity["psnr_db"] is None)
+
+
+def _psnr(fidelity):
+    return math.inf if fidelity["identical"] else fidelity["psnr_db"]
+
+
+def test_demo_dense_processor_reproduces_stock(demo_run):
+    report = demo_run[1]
+    ours, floor = report["fidelity"]["vidaccel"], report["fidelity"]["stock_sdpa_math"]
+    # Exact dense attention: vidaccel may differ from stock only by rounding, as another exact
+    # attention (SDPA's math backend) does.
+    assert _psnr(ours) >= _psnr(floor) - 6.0, (ours, floor)
+    if report["dtype"] == "float32":
+        assert _psnr(ours) > 60
+        assert ours["ssim"] > 0.9999
+        assert ours["max_abs_diff"] < 1e-3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--frames", "6"], "4k \\+ 1"), (["--height", "40"], "multiple of 16"), (["--steps", "0"], "steps")],
+)
+def test_demo_rejects_bad_settings(demo, argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path), *argv])
+    assert re.search(message, capsys.readouterr().err)

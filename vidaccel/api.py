@@ -1,0 +1,84 @@
+"""``vidaccel.apply`` / ``vidaccel.remove``: patch a pipeline or transformer, and undo it exactly.
+
+Example::
+
+    import vidaccel
+    processors = vidaccel.apply(pipe, *configs)   # both Wan 2.2 experts, with the step context
+    video = pipe(prompt_embeds=..., negative_prompt_embeds=...).frames
+    vidaccel.remove(pipe)                          # the stock processors are back
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from vidaccel.config import MethodConfig
+from vidaccel.processors.base import AccelProcessor, check_no_context_parallel
+from vidaccel.processors.registry import adapter_for_model
+from vidaccel.state import attach_context, detach_context
+
+__all__ = ["apply", "remove"]
+
+# Denoiser attributes of diffusers pipelines: Wan 2.2 A14B pipelines hold two experts.
+_TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
+
+# Processors in place before the first `apply`, per transformer: what `remove` restores.
+_SAVED: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, object]] = weakref.WeakKeyDictionary()
+
+
+def apply(pipe_or_transformer, *configs: MethodConfig, backend: str = "auto") -> list[AccelProcessor]:
+    """Install ``AccelProcessor(*configs, backend=backend)`` and the step context on a model.
+
+    Args:
+        pipe_or_transformer: a diffusers pipeline (its ``transformer`` and, for Wan 2.2,
+            ``transformer_2`` are patched) or a transformer of a supported class.
+        *configs: method configs, chained in this order (see :class:`AccelProcessor`); none gives
+            exact dense attention on vidaccel's kernels.
+        backend: ``vidaccel.ops`` backend, one of ``vidaccel.ops.BACKENDS``.
+
+    Returns the installed processors, one per transformer, each shared by all its attention modules.
+    Applying again replaces the processors and keeps the step context (and its caches); ``remove``
+    still restores the processors from before the first ``apply``. Raises ``ValueError`` for an
+    unsupported model (naming the supported classes) or a bad argument, and ``NotImplementedError``
+    for a transformer set up for context parallelism; in both cases nothing is changed.
+    """
+    transformers = _transformers(pipe_or_transformer)
+    adapters = [adapter_for_model(transformer) for transformer in transformers]
+    for transformer in transformers:
+        check_no_context_parallel(getattr(transformer, "_parallel_config", None), type(transformer).__name__)
+    processors = [AccelProcessor(*configs, backend=backend) for _ in transformers]
+
+    for transformer, adapter, processor in zip(transformers, adapters, processors, strict=True):
+        if transformer not in _SAVED:
+            _SAVED[transformer] = dict(transformer.attn_processors)
+        layers = adapter.layers(transformer)
+        for attn in layers:
+            attn.set_processor(processor)
+        attach_context(transformer, layers, adapter.read_inputs)
+    return processors
+
+
+def remove(pipe_or_transformer) -> None:
+    """Undo :func:`apply`: restore the processors from before the first ``apply``, remove the step
+    context hook and release its state. A stock model run afterwards is bit-identical to one never
+    patched. A model that was not patched is left as it is."""
+    for transformer in _transformers(pipe_or_transformer):
+        saved = _SAVED.pop(transformer, None)
+        if saved is not None:
+            transformer.set_attn_processor(dict(saved))
+        detach_context(transformer)
+
+
+def _transformers(pipe_or_transformer) -> list[torch.nn.Module]:
+    if isinstance(pipe_or_transformer, torch.nn.Module):
+        return [pipe_or_transformer]
+    transformers = [getattr(pipe_or_transformer, name, None) for name in _TRANSFORMER_ATTRIBUTES]
+    transformers = [transformer for transformer in transformers if transformer is not None]
+    if not transformers:
+        raise ValueError(
+            f"pipe_or_transformer must be a diffusers pipeline with a `transformer` (or `transformer_2`) or a "
+            f"transformer module, got {type(pipe_or_transformer).__name__}"
+        )
+    return transformers
