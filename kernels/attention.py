@@ -104,7 +104,6 @@ def _attention_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_PLAN: tl.constexpr,
     EVEN_K: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
@@ -168,11 +167,10 @@ def _attention_fwd_kernel(
     b_out = b_acc / tl.where(m_visible, b_l, 1.0)[:, None]
     p_o = Out + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_os + o_d[None, :]
     tl.store(p_o, b_out.to(Out.dtype.element_ty), mask=m_m[:, None])
-    if WRITE_LSE:
-        # Back from log2 to natural log at the boundary.
-        b_lse = (b_m + tl.math.log2(tl.where(m_visible, b_l, 1.0))) * 0.6931471805599453
-        b_lse = tl.where(m_visible, b_lse, float("-inf"))
-        tl.store(Lse + i_b * stride_lb + i_h * stride_lh + o_m, b_lse, mask=m_m)
+    # Back from log2 to natural log at the boundary.
+    b_lse = (b_m + tl.math.log2(tl.where(m_visible, b_l, 1.0))) * 0.6931471805599453
+    b_lse = tl.where(m_visible, b_lse, float("-inf"))
+    tl.store(Lse + i_b * stride_lb + i_h * stride_lh + o_m, b_lse, mask=m_m)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan | None) -> str | None:
@@ -181,7 +179,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
         return f"dtype {q.dtype} (kernel: fp16, bf16, fp32)"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return f"head dim {q.shape[-1]}/{v.shape[-1]} (kernel: q, k and v head dims equal and in {SUPPORTED_HEAD_DIMS})"
-    if plan is not None and _pick_tiles(q, plan) is None:
+    if plan is not None and _pick_tiles(q, plan.block_size) is None:
         return f"block_size {plan.block_size} (kernel: bq and bk multiples of 32)"
     return None
 
@@ -205,11 +203,12 @@ _CUDA_TILES = {
 _INTERPRETER_TILES = [(64, 32, 1, 1, False), (32, 32, 1, 1, False)]
 
 
-def _pick_tiles(q: torch.Tensor, plan: BlockPlan | None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, tma) for this call, or None if no tile fits the plan."""
+def _pick_tiles(q: torch.Tensor, block_size: tuple[int, int] | None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, tma) for this call, or None if no tile divides the
+    plan's ``block_size`` (``None`` for dense calls)."""
     candidates = _CUDA_TILES[(q.shape[-1], q.dtype == torch.float32)] if q.is_cuda else _INTERPRETER_TILES
     for tiles in candidates:
-        if plan is None or (plan.block_size[0] % tiles[0] == 0 and plan.block_size[1] % tiles[1] == 0):
+        if block_size is None or (block_size[0] % tiles[0] == 0 and block_size[1] % tiles[1] == 0):
             return tiles
     return None
 
@@ -242,16 +241,41 @@ def attention_fwd(
     q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]`` (last dim contiguous), ``key_bias`` fp32
     ``[B|1, H|1, Sk]``, ``plan`` a :class:`BlockPlan` on q's device. Returns ``out`` ``[B, Sq, H, D]``
     and, with ``return_lse``, fp32 natural-log ``lse`` ``[B, H, Sq]``.
+
+    Under ``torch.compile`` the launch goes through the opaque custom op ``vidaccel::attention_fwd``
+    (with a fake implementation for tracing), so a compiled model does not break its graph here;
+    eager calls launch directly, without the dispatcher's overhead.
     """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    indices, counts, block_q, block_k = (
+        (None, None, 0, 0) if plan is None else (plan.kv_indices, plan.kv_counts, *plan.block_size)
+    )
+    launch = _attention_fwd_op if torch.compiler.is_compiling() else _launch_attention_fwd
+    out, lse = launch(q, k, v, key_bias, indices, counts, block_q, block_k, scale)
+    return (out, lse) if return_lse else out
+
+
+def _launch_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    kv_indices: torch.Tensor | None,
+    kv_counts: torch.Tensor | None,
+    block_q: int,
+    block_k: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate, pick tiles and launch; ``kv_indices``/``kv_counts`` and the plan's block size
+    ``(block_q, block_k)`` describe a block-sparse layout (``None``/0 for dense). -> ``(out, lse)``."""
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    block_m, block_n, num_warps, num_stages, tma_ok = _pick_tiles(q, plan)
+    sparse = kv_indices is not None
+    block_m, block_n, num_warps, num_stages, tma_ok = _pick_tiles(q, (block_q, block_k) if sparse else None)
 
     out = torch.empty_like(q)
-    lse = torch.empty((batch, heads, seq_q), device=q.device, dtype=torch.float32) if return_lse else out
-    lse_strides = (lse.stride(0), lse.stride(1)) if return_lse else (0, 0)
+    lse = torch.empty((batch, heads, seq_q), device=q.device, dtype=torch.float32)
 
     if key_bias is not None:
         key_bias = key_bias if key_bias.stride(-1) == 1 else key_bias.contiguous()
@@ -259,17 +283,17 @@ def attention_fwd(
     else:
         bias_strides = (0, 0)
 
-    if plan is not None:
-        idx, cnt = plan.kv_indices, plan.kv_counts
+    if sparse:
+        idx, cnt = kv_indices, kv_counts
         idx_strides = (0 if idx.shape[0] == 1 else idx.stride(0), 0 if idx.shape[1] == 1 else idx.stride(1), idx.stride(2))
         cnt_strides = (0 if cnt.shape[0] == 1 else cnt.stride(0), 0 if cnt.shape[1] == 1 else cnt.stride(1))
-        plan_bq, plan_bk = plan.block_size
-        n_k_blocks, even_unit = plan.num_blocks[1], plan_bk
+        plan_bq, plan_bk = block_q, block_k
+        n_k_blocks = triton.cdiv(seq_k, block_k)
     else:
         idx = cnt = out
         idx_strides, cnt_strides = (0, 0, 0), (0, 0)
         plan_bq, plan_bk = block_m, block_n
-        n_k_blocks, even_unit = triton.cdiv(seq_k, block_n), block_n
+        n_k_blocks = triton.cdiv(seq_k, block_n)
 
     use_tma = tma_ok and _use_tma(q, k, v)
     if use_tma:
@@ -287,7 +311,7 @@ def attention_fwd(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        *lse_strides,
+        lse.stride(0), lse.stride(1),
         *bias_strides,
         *idx_strides,
         *cnt_strides,
@@ -298,12 +322,20 @@ def attention_fwd(
         PLAN_BQ=plan_bq,
         PLAN_BK=plan_bk,
         HAS_BIAS=key_bias is not None,
-        HAS_PLAN=plan is not None,
-        EVEN_K=seq_k % even_unit == 0,
-        WRITE_LSE=return_lse,
+        HAS_PLAN=sparse,
+        EVEN_K=seq_k % plan_bk == 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_TMA=use_tma,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    return (out, lse) if return_lse else out
+    return out, lse
+
+
+_attention_fwd_op = torch.library.custom_op("vidaccel::attention_fwd", mutates_args=())(_launch_attention_fwd)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, key_bias, kv_indices, kv_counts, block_q, block_k, scale):
+    batch, seq_q, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, seq_q), dtype=torch.float32)

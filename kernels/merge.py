@@ -57,8 +57,16 @@ def merge_attention_fwd(out_a, lse_a, out_b, lse_b):
     """Launch the merge. ``out_*`` ``[B, S, H, D]`` (last dim contiguous), ``lse_*`` fp32 ``[B, H, S]``.
 
     Returns ``(out, lse)``: ``out`` in ``out_a``'s dtype, ``lse`` fp32; rows where both LSEs are
-    ``-inf`` get output 0 and LSE ``-inf``.
+    ``-inf`` get output 0 and LSE ``-inf``. Under ``torch.compile`` it runs as the opaque custom op
+    ``vidaccel::merge_attention_fwd``.
     """
+    launch = _merge_attention_op if torch.compiler.is_compiling() else _launch_merge_attention
+    return launch(out_a, lse_a, out_b, lse_b)
+
+
+def _launch_merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seq, heads, head_dim = out_a.shape
     out_a, out_b = (t if t.stride(-1) == 1 else t.contiguous() for t in (out_a, out_b))
     lse_a, lse_b = (t if t.stride(-1) == 1 else t.contiguous() for t in (lse_a, lse_b))
@@ -80,3 +88,13 @@ def merge_attention_fwd(out_a, lse_a, out_b, lse_b):
         BLOCK_D=block_d,
     )
     return out, lse
+
+
+_merge_attention_op = torch.library.custom_op("vidaccel::merge_attention_fwd", mutates_args=())(
+    _launch_merge_attention
+)
+
+
+@_merge_attention_op.register_fake
+def _(out_a, lse_a, out_b, lse_b):
+    return torch.empty_like(out_a), torch.empty_like(lse_a, dtype=torch.float32)

@@ -311,3 +311,20 @@ def test_gpu_auto_backend_uses_the_kernel_without_warnings():
         warnings.simplefilter("error")
         out = ops.attention(q, k, v)
     assert rel_err(out, masked_attention_fp64(q, k, v)[0]) <= TOL[torch.bfloat16]
+
+
+def test_kernels_compile_into_one_graph():
+    """Under torch.compile the launches are opaque custom ops: a function that attends twice and
+    merges traces as one graph (fullgraph) and equals its eager run."""
+    q, k, v = qkv(1, 70, 100, 2, 64, torch.float32)
+    plan = ops.plan_blocks(torch.rand(1, 2, 2, 4, device=DEVICE) < 0.6, (64, 32))
+
+    def split_attention(q, k, v):
+        out_a, lse_a = ops.attention(q, k[:, :37], v[:, :37], return_lse=True, backend="triton")
+        out_b, lse_b = ops.attention(q, k[:, 37:], v[:, 37:], key_bias=torch.zeros(1, 1, 63, device=q.device),
+                                     return_lse=True, backend="triton")
+        merged, _ = ops.merge_attention(out_a, lse_a, out_b, lse_b, backend="triton")
+        return merged + ops.attention(q, k, v, plan=plan, backend="triton")
+
+    compiled = torch.compile(split_attention, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, k, v), split_attention(q, k, v))
