@@ -42,6 +42,14 @@ def test_dense_matches_stock_pipeline(install, output_type):
     assert relative_error(ours, stock) <= TOL
 
 
+def test_dense_on_the_triton_kernel_matches_stock_pipeline():
+    """The processor's kernel path (head dim 64; on CPU through the Triton interpreter) against stock."""
+    pipe = tiny_pipe(head_dim=64)
+    stock = run(pipe)
+    vidaccel.apply(pipe, backend="triton")
+    assert relative_error(run(pipe), stock) <= TOL
+
+
 def test_dense_matches_stock_with_fused_projections():
     pipe = tiny_pipe()
     pipe.transformer.fuse_qkv_projections()
