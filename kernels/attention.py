@@ -109,13 +109,14 @@ def _attention_fwd_kernel(
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // heads
+    i_b32 = i_bh // heads
+    i_b = i_b32.to(tl.int64)  # a batch offset can pass 2**31 elements (e.g. B=3 at 14B, 1088x1920x81)
     i_h = i_bh % heads
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
     m_m = o_m < seq_q
-    tma_row = i_b * seq_k
+    tma_row = i_b32 * seq_k
     tma_col = i_h * HEAD_DIM
     if not USE_TMA:
         K += i_b * stride_kb + i_h * stride_kh
@@ -181,6 +182,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
         return f"head dim {q.shape[-1]}/{v.shape[-1]} (kernel: q, k and v head dims equal and in {SUPPORTED_HEAD_DIMS})"
     if plan is not None and _pick_tiles(q, plan.block_size) is None:
         return f"block_size {plan.block_size} (kernel: bq and bk multiples of 32)"
+    if max(t.shape[1] * t.stride(1) for t in (q, k, v)) >= 2**31:
+        return "more than 2**31 elements within one batch entry (the kernel's token offsets are int32)"
     return None
 
 

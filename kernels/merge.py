@@ -26,7 +26,7 @@ def _merge_attention_kernel(
 ):
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // heads
+    i_b = (i_bh // heads).to(tl.int64)  # a batch offset can pass 2**31 elements
     i_h = i_bh % heads
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
     o_d = tl.arange(0, BLOCK_D)
@@ -51,6 +51,15 @@ def _merge_attention_kernel(
     p_o = Out + i_b * stride_ob + i_h * stride_oh + o_s[:, None] * stride_os + o_d[None, :]
     tl.store(p_o, b_out.to(Out.dtype.element_ty), mask=m_sd)
     tl.store(Lse + i_b * stride_lb + i_h * stride_lh + o_s, b_lse, mask=m_s)
+
+
+def unsupported_reason(out_a: torch.Tensor, out_b: torch.Tensor) -> str | None:
+    """Why the merge kernel cannot serve these partials (None when it can)."""
+    if out_a.dtype == torch.float64:
+        return "dtype torch.float64 (kernel: fp16, bf16, fp32)"
+    if max(t.shape[1] * t.stride(1) for t in (out_a, out_b)) >= 2**31:
+        return "more than 2**31 elements within one batch entry (the kernel's token offsets are int32)"
+    return None
 
 
 def merge_attention_fwd(out_a, lse_a, out_b, lse_b):

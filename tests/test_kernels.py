@@ -328,3 +328,18 @@ def test_kernels_compile_into_one_graph():
 
     compiled = torch.compile(split_attention, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(q, k, v), split_attention(q, k, v))
+
+
+def test_offsets_past_int32_are_left_to_the_reference():
+    """A batch entry of 2**31 elements or more would overflow the kernels' int32 token offsets: they
+    say so (meta tensors: no memory), and ops routes such calls to the reference."""
+    from vidaccel.kernels.attention import unsupported_reason
+    from vidaccel.kernels.merge import unsupported_reason as merge_unsupported_reason
+
+    small = torch.empty(1, 64, 1, 64, device="meta", dtype=torch.float16)
+    huge = torch.empty(1, 2**25, 1, 64, device="meta", dtype=torch.float16)  # 2**31 elements
+    assert unsupported_reason(small, small, small, None) is None
+    assert "2**31" in unsupported_reason(small, huge, huge, None)
+    assert "2**31" in unsupported_reason(huge, small, small, None)
+    assert merge_unsupported_reason(small, small) is None
+    assert "2**31" in merge_unsupported_reason(huge, huge)

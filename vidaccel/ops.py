@@ -119,7 +119,7 @@ def merge_attention(
     if len(devices) != 1:
         raise ValueError(f"merge_attention inputs must be on one device, got {sorted(map(str, devices))}")
     _check_inference(out_a, out_b, lse_a, lse_b)
-    reason = None if out_a.dtype != torch.float64 else "dtype torch.float64"
+    reason = None if backend == "reference" else _merge_unsupported_reason(out_a, out_b)
     if _use_triton_for(backend, out_a, reason, "merge_attention"):
         from vidaccel.kernels.merge import merge_attention_fwd
 
@@ -194,10 +194,7 @@ def _interpreting() -> bool:
 
 
 def _use_triton(backend, q, k, v, plan) -> bool:
-    reason = None
-    if backend != "reference":
-        from_kernel = _kernel_unsupported_reason(q, k, v, plan)
-        reason = from_kernel
+    reason = None if backend == "reference" else _kernel_unsupported_reason(q, k, v, plan)
     return _use_triton_for(backend, q, reason, "attention")
 
 
@@ -207,6 +204,14 @@ def _kernel_unsupported_reason(q, k, v, plan):
     except ImportError as exc:  # no Triton on this platform
         return f"Triton unavailable ({exc})"
     return unsupported_reason(q, k, v, plan)
+
+
+def _merge_unsupported_reason(out_a, out_b):
+    try:
+        from vidaccel.kernels.merge import unsupported_reason
+    except ImportError as exc:  # no Triton on this platform
+        return f"Triton unavailable ({exc})"
+    return unsupported_reason(out_a, out_b)
 
 
 def _use_triton_for(backend, tensor, reason, op) -> bool:
