@@ -119,7 +119,7 @@ def merge_attention(
     if len(devices) != 1:
         raise ValueError(f"merge_attention inputs must be on one device, got {sorted(map(str, devices))}")
     _check_inference(out_a, out_b, lse_a, lse_b)
-    reason = None if backend == "reference" else _merge_unsupported_reason(out_a, out_b)
+    reason = None if backend == "reference" else _kernel_unsupported_reason("merge", out_a, out_b)
     if _use_triton_for(backend, out_a, reason, "merge_attention"):
         from vidaccel.kernels.merge import merge_attention_fwd
 
@@ -194,24 +194,22 @@ def _interpreting() -> bool:
 
 
 def _use_triton(backend, q, k, v, plan) -> bool:
-    reason = None if backend == "reference" else _kernel_unsupported_reason(q, k, v, plan)
+    reason = None if backend == "reference" else _kernel_unsupported_reason("attention", q, k, v, plan)
     return _use_triton_for(backend, q, reason, "attention")
 
 
-def _kernel_unsupported_reason(q, k, v, plan):
+def _kernel_unsupported_reason(kernel: str, *args):
+    """``vidaccel.kernels.<kernel>.unsupported_reason(*args)``: why that Triton kernel cannot serve the
+    call, or None. Imported here, so that TRITON_INTERPRET can be set before Triton loads."""
+    # Plain imports, not importlib: torch.compile traces through this function.
     try:
-        from vidaccel.kernels.attention import unsupported_reason
+        if kernel == "attention":
+            from vidaccel.kernels.attention import unsupported_reason
+        else:
+            from vidaccel.kernels.merge import unsupported_reason
     except ImportError as exc:  # no Triton on this platform
         return f"Triton unavailable ({exc})"
-    return unsupported_reason(q, k, v, plan)
-
-
-def _merge_unsupported_reason(out_a, out_b):
-    try:
-        from vidaccel.kernels.merge import unsupported_reason
-    except ImportError as exc:  # no Triton on this platform
-        return f"Triton unavailable ({exc})"
-    return unsupported_reason(out_a, out_b)
+    return unsupported_reason(*args)
 
 
 def _use_triton_for(backend, tensor, reason, op) -> bool:
