@@ -98,6 +98,9 @@ class StepContext:
             chunk starts again from high noise, set it to ``False`` for the rollout.
         generation: incremented at every :meth:`reset`; state captured with an older value has been
             released.
+        pipeline_state: what a vidaccel pipeline tells the processors about the current forward,
+            one key per pipeline (``"rollout"``: ``CausalWanPipeline``; ``"freeswim"``:
+            ``FreeSwimWanPipeline``); empty for stock pipelines. Cleared at :meth:`reset`.
     """
 
     def __init__(self) -> None:
@@ -158,6 +161,7 @@ class StepContext:
         self.step_index, self.pass_index = -1, 0
         self.phase = self.chunk_index = self.chunk_step = None
         self.reset_on_timestep_jump = True
+        self.pipeline_state: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (

@@ -64,6 +64,11 @@ class AttentionCall:
             was installed without ``vidaccel.apply``.
         layer: the module's :class:`~vidaccel.state.LayerInfo` (``None`` without a context).
         backend: the processor's ``ops`` backend; use it for any ``ops`` call a method makes itself.
+        num_external: in autoregressive rollouts, the first ``num_external`` keys of ``k``/``v`` are
+            the KV cache of earlier chunks (with their ``key_bias``) and the rest are the current
+            chunk's own keys; ``0`` elsewhere.
+        k_pre: self-attention keys ``[B, Sk_own, H, D]`` of the current call before rotary embedding
+            (the own keys only, not the cache), or ``None`` where the adapter has none.
     """
 
     attn: torch.nn.Module
@@ -77,6 +82,8 @@ class AttentionCall:
     context: StepContext | None = None
     layer: LayerInfo | None = None
     backend: str = "auto"
+    num_external: int = 0
+    k_pre: torch.Tensor | None = None
 
     def replace(self, **changes) -> AttentionCall:
         """A copy with ``changes`` applied, e.g. ``call.replace(k=k_all, v=v_all, key_bias=bias)``."""

@@ -1,0 +1,1 @@
+"""ANN routing for attention (k-means/IVF on vidaccel.kernels, faiss, exact oracle)."""
