@@ -8,18 +8,30 @@
 
 from . import metrics, ops
 from .api import apply, remove
-from .config import MethodConfig
+from .config import AnnCAConfig, AnnSAConfig, FreeSwimConfig, MethodConfig, TempCacheConfig
 from .processors import AccelProcessor, AttentionCall, DenseProcessor, Method
+from .processors.annca import AnnCAProcessor
+from .processors.annsa import AnnSAProcessor
+from .processors.freeswim import FreeSwimProcessor
+from .processors.tempcache import TempCacheProcessor
 from .state import LayerInfo, StepContext
 
 __all__ = [
     "AccelProcessor",
+    "AnnCAConfig",
+    "AnnCAProcessor",
+    "AnnSAConfig",
+    "AnnSAProcessor",
     "AttentionCall",
     "DenseProcessor",
+    "FreeSwimConfig",
+    "FreeSwimProcessor",
     "LayerInfo",
     "Method",
     "MethodConfig",
     "StepContext",
+    "TempCacheConfig",
+    "TempCacheProcessor",
     "apply",
     "metrics",
     "ops",

@@ -63,12 +63,18 @@ def apply(pipe_or_transformer, *configs: MethodConfig, backend: str = "auto") ->
 def remove(pipe_or_transformer) -> None:
     """Undo :func:`apply`: restore the processors from before the first ``apply``, remove the step
     context hook and release its state. A stock model run afterwards is bit-identical to one never
-    patched. A model that was not patched is left as it is."""
+    patched. A model that was not patched is left as it is. vidaccel's own pipelines (those with a
+    ``set_default_attn_processor()`` method, e.g. ``CausalWanPipeline``) return to their default,
+    ``DenseProcessor`` with the step context."""
     for transformer in _transformers(pipe_or_transformer):
         saved = _SAVED.pop(transformer, None)
         if saved is not None:
             transformer.set_attn_processor(dict(saved))
         detach_context(transformer)
+    if not isinstance(pipe_or_transformer, torch.nn.Module) and hasattr(
+        pipe_or_transformer, "set_default_attn_processor"
+    ):
+        pipe_or_transformer.set_default_attn_processor()
 
 
 def _transformers(pipe_or_transformer) -> list[torch.nn.Module]:

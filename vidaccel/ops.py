@@ -24,7 +24,7 @@ import torch
 from vidaccel.kernels.plan import BlockPlan, check_block_size, plan_blocks
 from vidaccel.kernels.reference import attention_reference, merge_attention_reference
 
-__all__ = ["attention", "merge_attention", "plan_blocks", "BlockPlan", "BACKENDS"]
+__all__ = ["attention", "merge_attention", "plan_blocks", "BlockPlan", "BACKENDS", "window_attention"]
 
 BACKENDS = ("auto", "triton", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,6 +127,88 @@ def merge_attention(
     return merge_attention_reference(out_a, lse_a, out_b, lse_b)
 
 
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: tuple[int, int, int],
+    half_window: tuple[int, int],
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    tiles: tuple[tuple[int, int], tuple[int, int]] | None = None,
+):
+    """FreeSwim's inward sliding-window self-attention over the token grid ``(T, H, W)``.
+
+    A query at row ``q_h``, column ``q_w`` of any frame sees, in every frame, the keys with rows in
+    ``[s_h, s_h + 2 d_h]`` and columns in ``[s_w, s_w + 2 d_w]``, ``s = clamp(q - d, 0, max(n - 1 - 2d, 0))``:
+    the window is shifted inward at the borders (shared/METHODS.md). Executed block-aligned in 2-D
+    tiles by a Triton kernel (see :mod:`vidaccel.kernels.window`); exact.
+
+    Args:
+        q, k: ``[B, S, H, D]``; v: ``[B, S, H, Dv]``; tokens in diffusers' raster order over ``grid``
+            (``S = T·H·W``), e.g. ``(21, 68, 120)`` for Wan at 1088×1920×81.
+        grid: token grid ``(T, H, W)``.
+        half_window: ``(d_h, d_w)``, e.g. ``(15, 26)`` for a model trained at 480×832.
+        scale: softmax scale (> 0), default ``1/sqrt(D)``.
+        return_lse: also return the fp32 natural-log LSE ``[B, H, S]``.
+        backend: as for :func:`attention`.
+        tiles: ``((q_rows, q_cols), (k_rows, k_cols))`` query and key tile shapes within a frame,
+            default ``vidaccel.kernels.window.DEFAULT_TILES`` (8 × 16 each).
+
+    Returns ``out`` ``[B, S, H, Dv]`` in q's dtype, or ``(out, lse)``. When the window covers the whole
+    frame, this is dense attention and runs as such.
+    """
+    _check_backend(backend)
+    _check_qkv(q, k, v)
+    _check_inference(q, k, v)
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 3
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+    ):
+        raise ValueError(f"grid must be three positive ints (T, H, W), got {grid!r}")
+    if math.prod(grid) != q.shape[1] or k.shape[1] != q.shape[1]:
+        raise ValueError(f"grid {tuple(grid)} holds {math.prod(grid)} tokens; q has {q.shape[1]} and k {k.shape[1]}")
+    if (
+        not isinstance(half_window, (tuple, list))
+        or len(half_window) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in half_window)
+    ):
+        raise ValueError(f"half_window must be two ints >= 0 (d_h, d_w), got {half_window!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite float > 0 (or None for 1/sqrt(D)), got {scale!r}")
+    from vidaccel.kernels.window import (
+        DEFAULT_TILES,
+        plan_window,
+        window_attention_reference,
+        window_covers_grid,
+    )
+
+    if window_covers_grid(grid, half_window):
+        return attention(q, k, v, scale=scale, return_lse=return_lse, backend=backend)
+    tiles = DEFAULT_TILES if tiles is None else tiles
+    if (
+        not isinstance(tiles, (tuple, list))
+        or len(tiles) != 2
+        or not all(
+            isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(x, int) and x >= 1 for x in t)
+            for t in tiles
+        )
+    ):
+        raise ValueError(f"tiles must be ((q_rows, q_cols), (k_rows, k_cols)) of positive ints, got {tiles!r}")
+    plan = plan_window(grid, half_window, tiles, q.device)
+    reason = None if backend == "reference" else _kernel_unsupported_reason("window", q, k, v, plan)
+    if _use_triton_for(backend, q, reason, "window_attention"):
+        from vidaccel.kernels.window import window_attention_fwd
+
+        return window_attention_fwd(q, k, v, plan=plan, scale=scale, return_lse=return_lse)
+    return window_attention_reference(
+        q, k, v, grid=tuple(grid), half_window=tuple(half_window), scale=scale, return_lse=return_lse
+    )
+
+
 def _check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -205,6 +287,8 @@ def _kernel_unsupported_reason(kernel: str, *args):
     try:
         if kernel == "attention":
             from vidaccel.kernels.attention import unsupported_reason
+        elif kernel == "window":
+            from vidaccel.kernels.window import unsupported_reason
         else:
             from vidaccel.kernels.merge import unsupported_reason
     except ImportError as exc:  # no Triton on this platform

@@ -64,11 +64,15 @@ class ForwardInputs(NamedTuple):
         grid: token grid ``(T, H, W)`` after patchification; tokens are in raster order.
         batch_size: batch of the forward (CFG passes run as separate forwards in diffusers' Wan).
         timestep: the forward's timestep as a float (the maximum for per-token timesteps).
+        conditioning: the conditioning tensors passed to the forward (Wan: the prompt embeddings and
+            the I2V image embeddings or ``None``), from which the adapter derives cross-attention K/V;
+            ``()`` where the adapter reads none.
     """
 
     grid: tuple[int, int, int]
     batch_size: int
     timestep: float
+    conditioning: tuple[torch.Tensor | None, ...] = ()
 
 
 class StepContext:
@@ -98,6 +102,9 @@ class StepContext:
             chunk starts again from high noise, set it to ``False`` for the rollout.
         generation: incremented at every :meth:`reset`; state captured with an older value has been
             released.
+        conditioning: during a forward, the conditioning tensors it was called with (see
+            :class:`ForwardInputs`); ``None`` outside a forward. A processor may cache what it derives
+            from them (the prompt's cross-attention K/V) keyed on these tensors' identity.
         pipeline_state: what a vidaccel pipeline tells the processors about the current forward,
             one key per pipeline (``"rollout"``: ``CausalWanPipeline``; ``"freeswim"``:
             ``FreeSwimWanPipeline``); empty for stock pipelines. Cleared at :meth:`reset`.
@@ -147,7 +154,12 @@ class StepContext:
         else:
             self.step_index += 1
             self.pass_index = 0
-        self.grid, self.batch_size, self.timestep = inputs
+        self.grid, self.batch_size, self.timestep, self.conditioning = inputs
+
+    def end_forward(self) -> None:
+        """Leave the forward (called by the hook after each forward): ``conditioning`` goes back to
+        ``None``, so nothing keyed on it is reused by an attention call outside a forward."""
+        self.conditioning = None
 
     def reset(self) -> None:
         """End the generation: release all module state, return every per-generation field to its
@@ -160,6 +172,7 @@ class StepContext:
         self.grid = self.batch_size = self.timestep = None
         self.step_index, self.pass_index = -1, 0
         self.phase = self.chunk_index = self.chunk_step = None
+        self.conditioning: tuple[torch.Tensor | None, ...] | None = None
         self.reset_on_timestep_jump = True
         self.pipeline_state: dict[str, Any] = {}
 
@@ -248,6 +261,10 @@ class _StepContextHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         self.context.begin_forward(self._read_inputs(module, args, kwargs))
         return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output):
+        self.context.end_forward()
+        return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.context.reset()

@@ -2,17 +2,30 @@
 (:mod:`.wan`) in a registry keyed by transformer class (:mod:`.registry`), and, in later modules, one
 planner per method."""
 
+from .annca import AnnCA, AnnCAProcessor
+from .annsa import AnnSA, AnnSAProcessor
 from .base import KINDS, AccelProcessor, AttentionCall, DenseProcessor, Method
+from .freeswim import FreeSwimBatch, FreeSwimMethod, FreeSwimProcessor
 from .registry import ADAPTERS, adapter_for_attention, adapter_for_model
+from .tempcache import TempCache, TempCacheProcessor
 from .wan import WanAdapter, apply_rotary_emb
 
 __all__ = [
     "ADAPTERS",
     "KINDS",
     "AccelProcessor",
+    "AnnCA",
+    "AnnCAProcessor",
+    "AnnSA",
+    "AnnSAProcessor",
     "AttentionCall",
     "DenseProcessor",
+    "FreeSwimBatch",
+    "FreeSwimMethod",
+    "FreeSwimProcessor",
     "Method",
+    "TempCache",
+    "TempCacheProcessor",
     "WanAdapter",
     "adapter_for_attention",
     "adapter_for_model",

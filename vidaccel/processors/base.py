@@ -17,6 +17,14 @@ others skip it, so the rest stays exact::
     processor = vidaccel.AccelProcessor(TemperedConfig(scale=0.2))   # TemperedConfig.build() -> Tempered
     pipe.transformer.set_attn_processor(processor)                  # processors only
     vidaccel.apply(pipe, TemperedConfig(scale=0.2))                 # processors + step context
+
+**The rollout stage.** In an autoregressive rollout (``CausalWanPipeline`` sets
+``context.pipeline_state["rollout"]``), every self-attention call first passes through the module's
+KV cache, held by the step context: the chain sees the cache followed by the call's own keys
+(``num_external`` cached keys, with the cache's ``key_bias``), and in the rollout's ``"commit"``
+phase the call's own keys and values are added to the cache after the chain has run. The cache
+comes from the first method that has ``make_kv_cache()`` (TempCache), else from the rollout
+(dense, or a rolling window).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import functools
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +45,10 @@ from vidaccel.kernels.plan import BlockPlan
 from vidaccel.state import LayerInfo, StepContext, context_for
 
 from .registry import adapter_for_attention
+
+if TYPE_CHECKING:
+    from vidaccel.cache import KVCache
+    from vidaccel.pipelines.causal_wan import RolloutState
 
 __all__ = ["KINDS", "AccelProcessor", "AttentionCall", "DenseProcessor", "Method"]
 
@@ -185,6 +197,19 @@ class AccelProcessor:
         """Run ``call`` through the methods that act on ``call.kind``: ``-> (out, lse)``."""
         return self._chains[call.kind](call)
 
+    @property
+    def makes_kv_cache(self) -> bool:
+        """Whether a method of this processor makes its own rollout KV caches (``make_kv_cache()``)."""
+        return any(hasattr(method, "make_kv_cache") for method in self.methods)
+
+    def make_kv_cache(self, rollout: RolloutState) -> KVCache:
+        """A new KV cache for one self-attention module of ``rollout``: from the first method with
+        ``make_kv_cache()``, else the rollout's own (dense, or a rolling window)."""
+        for method in self.methods:
+            if hasattr(method, "make_kv_cache"):
+                return method.make_kv_cache()
+        return rollout.make_cache()
+
     def _attend(
         self,
         attn: torch.nn.Module,
@@ -194,6 +219,7 @@ class AccelProcessor:
         k: torch.Tensor,
         v: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        k_pre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if attention_mask is not None:
             self._warn_once(
@@ -205,9 +231,26 @@ class AccelProcessor:
             )
             return out.transpose(1, 2)
         layer = None if context is None else context.layer(attn)
-        call = AttentionCall(attn, kind, q, k, v, context=context, layer=layer, backend=self.backend)
-        out, _ = self.attend(call)
+        call = AttentionCall(attn, kind, q, k, v, context=context, layer=layer, backend=self.backend, k_pre=k_pre)
+        rollout = None if context is None else context.pipeline_state.get("rollout")
+        if kind == "self" and rollout is not None:
+            out, _ = self._attend_rollout(call, rollout)
+        else:
+            out, _ = self.attend(call)
         return out
+
+    def _attend_rollout(self, call: AttentionCall, rollout: RolloutState) -> AttentionResult:
+        context = call.context
+        state = context.module_state(call.attn)
+        cache = state.get("kv_cache")
+        if cache is None:
+            cache = state["kv_cache"] = self.make_kv_cache(rollout)
+        num_external = cache.num_external
+        k_all, v_all, key_bias = cache.extend(call.k, call.v)
+        result = self.attend(call.replace(k=k_all, v=v_all, key_bias=key_bias, num_external=num_external))
+        if context.phase == "commit":
+            cache.commit(call.k, call.v, k_pre=call.k_pre, frame_index=rollout.frame_index)
+        return result
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:

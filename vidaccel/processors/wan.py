@@ -5,6 +5,10 @@ is the stock computation, op for op: fused or separate projections, RMS norm of 
 heads, rotary embedding on self-attention, I2V image tokens through ``add_k_proj``/``add_v_proj``
 with their output added to the text output, and the output projection. The attention calls go to
 the processor's ``attend`` callback, where the configured methods act.
+
+With a step context (``vidaccel.apply``), the prompt's cross-attention K/V (and the I2V image K/V)
+are projected once per generation and per conditioning tensor: the transformer derives them from
+the same prompt embeddings at every step, so the cached projection is bit-identical to a new one.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from collections.abc import Callable
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
 
-from vidaccel.state import ForwardInputs, LayerInfo
+from vidaccel.state import ForwardInputs, LayerInfo, context_for
 
 __all__ = ["WanAdapter", "apply_rotary_emb"]
 
 # diffusers' Wan I2V pipelines pass [image tokens, 512 text tokens] as encoder_hidden_states.
 _TEXT_CONTEXT_LENGTH = 512
+# Cross-attention K/V kept per module and generation: one per distinct conditioning (cond and uncond
+# under CFG); a pipeline that passes new conditioning tensors at every step only cycles through these.
+_PROMPT_KV_ENTRIES = 4
 
 Attend = Callable[..., torch.Tensor]
 
@@ -46,14 +53,19 @@ class WanAdapter:
 
         ``hidden_states`` is ``[B, C, F, H, W]``; the grid is ``(F/p_t, H/p_h, W/p_w)``. ``timestep`` is
         ``[B]`` or, for per-token timesteps (Wan 2.2 TI2V), ``[B, S]``, whose maximum is taken: one host
-        read per forward, never per layer.
+        read per forward, never per layer. The conditioning is ``(encoder_hidden_states,
+        encoder_hidden_states_image)``.
         """
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        hidden_states = _argument(args, kwargs, 0, "hidden_states")
+        timestep = _argument(args, kwargs, 1, "timestep")
+        conditioning = (
+            _argument(args, kwargs, 2, "encoder_hidden_states"),
+            _argument(args, kwargs, 3, "encoder_hidden_states_image"),
+        )
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = transformer.config.patch_size
         grid = (frames // p_t, height // p_h, width // p_w)
-        return ForwardInputs(grid, batch, float(torch.as_tensor(timestep).max()))
+        return ForwardInputs(grid, batch, float(torch.as_tensor(timestep).max()), conditioning)
 
     def forward(
         self,
@@ -68,35 +80,28 @@ class WanAdapter:
 
         ``encoder_hidden_states`` ``[B, S_ctx, C_ctx]`` is ``None`` for self-attention; with I2V
         projections its first ``S_ctx - 512`` tokens are image tokens. ``attend(kind, q, k, v,
-        attention_mask=None)`` takes ``[B, S, H, D]`` q/k/v and returns ``[B, Sq, H, Dv]``; ``kind`` is
-        ``"self"``, ``"cross"`` or ``"cross_image"``.
+        attention_mask=None, k_pre=None)`` takes ``[B, S, H, D]`` q/k/v and returns ``[B, Sq, H, Dv]``;
+        ``kind`` is ``"self"``, ``"cross"`` or ``"cross_image"``; self-attention calls also pass
+        ``k_pre``, the keys before rotary embedding.
         """
-        image_context = None
-        if attn.add_k_proj is not None:
-            split = encoder_hidden_states.shape[1] - _TEXT_CONTEXT_LENGTH
-            image_context, encoder_hidden_states = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
+        if encoder_hidden_states is None:
+            query, key, value = _project_qkv(attn, hidden_states)
+            query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            value = value.unflatten(2, (attn.heads, -1))
+            k_pre = key
+            if rotary_emb is not None:
+                query = apply_rotary_emb(query, *rotary_emb)
+                key = apply_rotary_emb(key, *rotary_emb)
+            out = attend("self", query, key, value, attention_mask, k_pre=k_pre).flatten(2, 3).type_as(query)
+            return attn.to_out[1](attn.to_out[0](out))
 
-        query, key, value = _project_qkv(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, Sq, H, D]
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))  # [B, Sk, H, D]
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = apply_rotary_emb(query, *rotary_emb)
-            key = apply_rotary_emb(key, *rotary_emb)
-
-        image_out = None
-        if image_context is not None:
-            key_img, value_img = _project_added_kv(attn, image_context)
-            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
-            value_img = value_img.unflatten(2, (attn.heads, -1))
-            image_out = attend("cross_image", query, key_img, value_img).flatten(2, 3).type_as(query)
-
-        kind = "self" if encoder_hidden_states is None else "cross"
-        out = attend(kind, query, key, value, attention_mask).flatten(2, 3).type_as(query)
-        if image_out is not None:
-            out = out + image_out
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # [B, Sq, H, D]
+        key, value, image_kv = _prompt_kv(attn, encoder_hidden_states)
+        out = attend("cross", query, key, value, attention_mask).flatten(2, 3).type_as(query)
+        if image_kv is not None:
+            out = out + attend("cross_image", query, *image_kv).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -112,17 +117,68 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-def _project_qkv(attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    if not attn.fused_projections:
-        return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-    if not attn.is_cross_attention:
+def _prompt_kv(attn: WanAttention, encoder_hidden_states: torch.Tensor):
+    """``(key, value, (key_img, value_img) or None)`` of a cross-attention call, ``[B, S_ctx, H, D]`` each,
+    projected once per generation and conditioning where a step context is installed (not while
+    ``torch.compile`` traces: a cache filled as a side effect of a traced graph is not reusable)."""
+    context = context_for(attn)
+    conditioning = None if context is None else context.conditioning
+    if conditioning is None or torch.compiler.is_compiling():
+        return _project_prompt_kv(attn, encoder_hidden_states)
+    entries = context.module_state(attn).setdefault("prompt_kv", [])
+    tag = _conditioning_tag(conditioning, encoder_hidden_states)
+    for entry_tag, kv in entries:
+        if _same_conditioning(entry_tag, tag):
+            return kv
+    kv = _project_prompt_kv(attn, encoder_hidden_states)
+    entries.append((tag, kv))
+    del entries[:-_PROMPT_KV_ENTRIES]
+    return kv
+
+
+def _conditioning_tag(conditioning: tuple, encoder_hidden_states: torch.Tensor) -> tuple:
+    # The tensors themselves (kept alive until the context resets, so identity is never reused) with
+    # their in-place version counters, and the shape the module receives.
+    tensors = tuple(t for t in conditioning if t is not None)
+    return tensors, tuple(t._version for t in tensors), tuple(encoder_hidden_states.shape)
+
+
+def _same_conditioning(a: tuple, b: tuple) -> bool:
+    return len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0], strict=True)) and a[1:] == b[1:]
+
+
+def _project_prompt_kv(attn: WanAttention, encoder_hidden_states: torch.Tensor):
+    image_context = None
+    if attn.add_k_proj is not None:
+        split = encoder_hidden_states.shape[1] - _TEXT_CONTEXT_LENGTH
+        image_context, encoder_hidden_states = (
+            encoder_hidden_states[:, :split],
+            encoder_hidden_states[:, split:],
+        )
+    if attn.fused_projections:
+        key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if image_context is None:
+        return key, value, None
+    key_img, value_img = _project_added_kv(attn, image_context)
+    key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+    return key, value, (key_img, value_img.unflatten(2, (attn.heads, -1)))
+
+
+def _project_qkv(attn: WanAttention, hidden_states: torch.Tensor):
+    if attn.fused_projections:
         return attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    key, value = attn.to_kv(context).chunk(2, dim=-1)
-    return attn.to_q(hidden_states), key, value
+    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
 
 def _project_added_kv(attn: WanAttention, image_context: torch.Tensor):
     if attn.fused_projections:
         return attn.to_added_kv(image_context).chunk(2, dim=-1)
     return attn.add_k_proj(image_context), attn.add_v_proj(image_context)
+
+
+def _argument(args: tuple, kwargs: dict, position: int, name: str):
+    return args[position] if len(args) > position else kwargs.get(name)

@@ -1,0 +1,512 @@
+"""Autoregressive rollout with a KV cache: dense full cache vs rolling window vs TempCache (a script, not a test).
+
+Wan2.1-1.3B shapes (30 layers, 12 heads × 128, bf16), 480×832 (token grid 30×52 = 1,560 tokens per
+latent frame), chunks of 3 latent frames (4,680 queries), 4 denoising steps + one commit pass per chunk.
+
+1. **Layer level** (the primary TempCache speed evidence): one self-attention layer call of a chunk
+   (``cache.extend`` + ``ops.attention`` with the cache's ``key_bias``) against caches of 21 / 60 /
+   120 / 240 latent frames, for the dense cache (our kernel, and SDPA flash as the peer), the rolling
+   window of 21 frames and TempCache (default config: τ 0.95, 3 sink frames, budget 32,760 tokens,
+   local search r = 2, pre-rotary keys, per head), plus each cache's commit cost per chunk and layer
+   and its memory. Random weights make no redundant keys, so the caches are filled with a synthetic
+   stream of controlled redundancy: a camera panning one token column per frame over a fixed cyclic
+   world, plus fresh Gaussian noise per frame (``--noise``, relative 0.1 by default: consecutive
+   frames have cosine ≈ 0.99), renormalised. The column that wraps around the border is new to a
+   local search (≈ 1 column, 30 tokens, per frame), so TempCache's default (``scope="local"``) grows
+   by about that much per frame until its budget; ``tempcache_prev_frame`` (``scope="previous_frame"``)
+   finds it too. The merge rate and the attention output's relative error against the dense cache
+   are reported beside every time.
+2. **Pipeline level**: ``CausalWanPipeline`` with a Wan-1.3B-shaped random transformer, no VAE,
+   random prompt embeddings, to 240 latent frames (+2 chunks, so the chunk at frame 240 still
+   commits): per-chunk latency (wall time of the chunk, CUDA-synchronised) and per-chunk peak
+   memory for the dense cache, the rolling window (``max_cache_frames=21``) and TempCache
+   (``vidaccel.apply(pipe, TempCacheConfig())``). Random weights give TempCache nothing to merge
+   (merge rate reported), so there it runs at its budget with least-recently-updated eviction.
+
+Targets (shared/BENCHMARKS.md): TempCache latency at frame 240 ≤ 1.15× its latency at frame 21; peak
+memory flat (±5%) after warm-up; ≥ 5× faster than dense at 240 frames; merge rate reported.
+
+    python benchmarks/bench_rollout.py                    # GPU, full run (~3-4 min; dense to 240 is the long part)
+    python benchmarks/bench_rollout.py --quick            # tiny smoke run (GPU, or CPU in the Triton interpreter)
+    python benchmarks/bench_rollout.py --max-frames 120 --sections layer
+
+Writes ``benchmarks/results/rollout.json`` and ``rollout.png`` (``--out``) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # Set before anything imports triton, so the kernels can run in the interpreter on CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel  # noqa: E402
+
+import vidaccel  # noqa: E402
+from vidaccel import TempCacheConfig, ops  # noqa: E402
+from vidaccel.cache import DenseKVCache, RollingKVCache, TempCacheKV  # noqa: E402
+from vidaccel.metrics import relative_error  # noqa: E402
+from vidaccel.pipelines import CausalWanPipeline  # noqa: E402
+from vidaccel.pipelines.tiny import _cast as cast_keeping_fp32_modules  # noqa: E402  (as from_pretrained casts)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rollout.json"
+WAN_13B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
+TINY = dict(WAN_13B, num_attention_heads=2, attention_head_dim=64, text_dim=32, ffn_dim=64, num_layers=2)
+FULL = dict(
+    model=WAN_13B, grid_hw=(30, 52), layer_frames=(21, 60, 120, 240), max_frames=240, window=21, text_len=512
+)
+QUICK_GPU = dict(model=TINY, grid_hw=(6, 8), layer_frames=(6, 12, 24), max_frames=24, window=6, text_len=16)
+QUICK_CPU = dict(model=TINY, grid_hw=(4, 6), layer_frames=(6, 12), max_frames=12, window=6, text_len=16)
+CHUNK_FRAMES = 3
+STEPS = (1000, 750, 500, 250)
+METHODS = ("dense", "window", "tempcache")
+MIN_REPEATS = 5
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
+    parser.add_argument(
+        "--max-frames", type=int, default=None, help="latent frames of the longest cache (default 240)"
+    )
+    parser.add_argument("--sections", default="layer,pipeline", help="comma-separated: layer, pipeline")
+    parser.add_argument(
+        "--noise", type=float, default=0.1, help="relative noise between consecutive synthetic frames"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT}); PNG beside it"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.quick:
+        parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter's bf16 dot is not exact
+    spec = dict(FULL if not args.quick else QUICK_GPU if cuda else QUICK_CPU)
+    if args.max_frames is not None:
+        spec["max_frames"] = args.max_frames
+        spec["layer_frames"] = tuple(f for f in spec["layer_frames"] if f < args.max_frames) + (
+            args.max_frames,
+        )
+    sections = set(args.sections.split(","))
+    torch.manual_seed(args.seed)
+
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter smoke run)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "quick": args.quick,
+        "dtype": str(dtype).removeprefix("torch."),
+        "timer": "triton.testing.do_bench median (layer); CUDA-synchronised wall time per chunk (pipeline)"
+        if cuda
+        else "time.perf_counter (CPU smoke run: times mean nothing)",
+        "model": {
+            k: v
+            for k, v in spec["model"].items()
+            if k in ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim")
+        },
+        "grid_hw": spec["grid_hw"],
+        "chunk_frames": CHUNK_FRAMES,
+        "steps": len(STEPS),
+        "window_frames": spec["window"],
+        "max_frames": spec["max_frames"],
+        "tempcache": vars(TempCacheConfig()) | {"note": "default config"},
+        "synthetic_noise": args.noise,
+    }
+    if "layer" in sections:
+        report["layer"] = layer_section(spec, device, dtype, args.noise)
+    if "pipeline" in sections:
+        report["pipeline"] = pipeline_section(spec, device, dtype)
+    report["targets"] = targets(report)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    png = args.out.with_suffix(".png")
+    plot(report, png)
+    print(
+        f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']} | {report['timer']}"
+    )
+    print(format_table(report))
+    print(f"wrote {args.out} and {png}")
+    return report
+
+
+# ------------------------------------------------------------------------------------- layer level
+
+
+def layer_section(spec, device, dtype, noise) -> list[dict]:
+    heads, dim = spec["model"]["num_attention_heads"], spec["model"]["attention_head_dim"]
+    rows_hw = spec["grid_hw"]
+    per_frame = rows_hw[0] * rows_hw[1]
+    seq = CHUNK_FRAMES * per_frame
+    q, own_k, own_v = (torch.randn(1, seq, heads, dim, device=device, dtype=dtype) for _ in range(3))
+    stream = RedundantStream(rows_hw, heads, dim, noise, device, dtype)
+    caches = {
+        "dense": DenseKVCache(capacity_tokens=spec["max_frames"] * per_frame),
+        "window": RollingKVCache(spec["window"]),
+        "tempcache": TempCacheKV(TempCacheConfig()),
+        "tempcache_prev_frame": TempCacheKV(TempCacheConfig(scope="previous_frame")),
+    }
+    for cache in caches.values():
+        if isinstance(cache, TempCacheKV):
+            cache.observe_grid((CHUNK_FRAMES, *rows_hw))
+    commit_ms = {name: [] for name in caches}
+    rows, done = [], 0
+    for target in spec["layer_frames"]:
+        while done < target:
+            frames = min(CHUNK_FRAMES, target - done)
+            k, v = stream.next(frames)
+            frame_index = torch.arange(done, done + frames, device=device).repeat_interleave(per_frame)
+            for name, cache in caches.items():
+                commit = lambda c=cache, k=k, v=v, fi=frame_index: c.commit(k, v, k_pre=k, frame_index=fi)  # noqa: E731
+                ms = _wall_ms(commit, device)
+                commit_ms[name].append(ms / frames)  # per frame: chunks at a target's edge may be short
+            done += frames
+        dense_out = None
+        for name, cache in caches.items():
+            k_all, v_all, bias = cache.extend(own_k, own_v)
+            call = lambda k_all=k_all, v_all=v_all, bias=bias: ops.attention(q, k_all, v_all, key_bias=bias)  # noqa: E731
+            out, attn_ms = _bench(call, device)
+            _, extend_ms = _bench(lambda c=cache: c.extend(own_k, own_v), device)
+            dense_out = out if name == "dense" else dense_out
+            stats = cache.stats()
+            rows.append(
+                dict(
+                    section="layer", method=name, provider="vidaccel_triton" if device.type == "cuda" else "reference",
+                    cache_frames=target, cache_tokens=k_all.shape[1] - seq, attention_ms=attn_ms, extend_ms=extend_ms,
+                    layer_call_ms=attn_ms + extend_ms, commit_ms_per_chunk=statistics.median(commit_ms[name][-5:]) * CHUNK_FRAMES,
+                    cache_mib=cache.nbytes / 2**20, merge_rate=stats.get("merge_rate"),
+                    rel_err_vs_dense=relative_error(out.float(), dense_out.float()),
+                )
+            )  # fmt: skip
+            if name == "dense":
+                rows.append(
+                    dict(rows[-1], provider="sdpa_flash", **_sdpa_row(q, k_all, v_all, dense_out, device))
+                )
+        _release(device)
+    del caches
+    _release(device)
+    return rows
+
+
+class RedundantStream:
+    """Synthetic keys/values of controlled redundancy: a camera panning over a fixed cyclic "world"
+    (frame ``t`` is the world rolled by ``t`` token columns) plus fresh relative noise ``noise`` per
+    frame, renormalised to unit variance. Consecutive frames share all content one column apart
+    (cosine ≈ 1 / (1 + noise²), 0.99 at 0.1), except the column that wraps around from the right
+    border to the left, which a local search cannot find: about one new column per frame."""
+
+    def __init__(self, grid_hw, heads, dim, noise, device, dtype):
+        self.noise, self.dtype, self.frame = noise, dtype, 0
+        self.world = torch.randn(2, 1, *grid_hw, heads, dim, device=device)  # keys and values
+
+    def next(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for _ in range(frames):
+            frame = torch.roll(self.world, shifts=self.frame, dims=3)
+            out.append(
+                ((frame + self.noise * torch.randn_like(frame)) / (1 + self.noise**2) ** 0.5).flatten(2, 3)
+            )
+            self.frame += 1
+        k, v = torch.cat(out, 2).to(self.dtype)  # [1, frames * H * W, heads, dim] each
+        return k, v
+
+
+def _sdpa_row(q, k, v, dense_out, device) -> dict:
+    """The dense layer call on SDPA (flash on CUDA), the protocol's peer, with its error vs our kernel."""
+    q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    try:
+        with torch.nn.attention.sdpa_kernel(
+            torch.nn.attention.SDPBackend.FLASH_ATTENTION
+            if device.type == "cuda"
+            else torch.nn.attention.SDPBackend.MATH
+        ):
+            out, ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t), device)
+    except RuntimeError as exc:  # a peer that cannot run here is reported, not fatal
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    rel_err = relative_error(out.transpose(1, 2).float(), dense_out.float())
+    return {
+        "attention_ms": ms,
+        "layer_call_ms": ms,
+        "extend_ms": None,
+        "commit_ms_per_chunk": None,
+        "rel_err_vs_dense": rel_err,
+    }
+
+
+# ------------------------------------------------------------------------------------- pipeline level
+
+
+def pipeline_section(spec, device, dtype) -> list[dict]:
+    with torch.device(device):
+        transformer = cast_keeping_fp32_modules(WanTransformer3DModel(**spec["model"]), dtype).eval()
+    pipe = CausalWanPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    embeds = torch.randn(1, spec["text_len"], spec["model"]["text_dim"], device=device, dtype=dtype)
+    rows_hw = spec["grid_hw"]
+    patch = spec["model"]["patch_size"]
+    frames = spec["max_frames"] + 2 * CHUNK_FRAMES
+    rows = []
+    for method in METHODS:
+        if method == "tempcache":
+            vidaccel.apply(pipe, TempCacheConfig())
+        else:
+            vidaccel.remove(pipe)
+        stream = pipe.stream(
+            prompt_embeds=embeds, height=rows_hw[0] * patch[1], width=rows_hw[1] * patch[2], num_frames=frames,
+            chunk_frames=CHUNK_FRAMES, denoising_timesteps=STEPS, output_type="latent",
+            max_cache_frames=spec["window"] if method == "window" else None,
+            generator=torch.Generator(device).manual_seed(0),
+        )  # fmt: skip
+        for chunk in range(frames // CHUNK_FRAMES):
+            _reset_peak(device)
+            start = time.perf_counter()
+            next(stream)
+            _sync(device)
+            ms = (time.perf_counter() - start) * 1e3
+            stats = pipe.kv_cache_stats()
+            rows.append(
+                dict(
+                    section="pipeline", method=method, chunk=chunk, cache_frames=chunk * CHUNK_FRAMES, chunk_ms=ms,
+                    peak_mib=_peak(device) / 2**20, cache_mib=stats.get("nbytes", 0) / 2**20,
+                    cache_tokens_layer0=stats.get("first_layer", {}).get("tokens"),
+                    merge_rate=stats.get("first_layer", {}).get("merge_rate"),
+                )
+            )  # fmt: skip
+        stream.close()
+        _release(device)
+    vidaccel.remove(pipe)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- targets, output
+
+
+def targets(report) -> dict:
+    """The BENCHMARKS.md targets, from the layer section and the pipeline section."""
+    out = {}
+    layer = [r for r in report.get("layer", []) if r["provider"] != "sdpa_flash"]
+    if layer:
+        frames = sorted({r["cache_frames"] for r in layer})
+        at = {(r["method"], r["cache_frames"]): r for r in layer}
+        first, last = frames[0], frames[-1]
+        out["layer"] = {"frames": [first, last]}
+        for method in sorted({r["method"] for r in layer if r["method"].startswith("tempcache")}):
+            tc_first, tc_last, dense_last = at[method, first], at[method, last], at["dense", last]
+            figures = {
+                "latency_ratio_last_vs_first": tc_last["layer_call_ms"] / tc_first["layer_call_ms"],
+                "speedup_vs_dense_at_last": dense_last["layer_call_ms"] / tc_last["layer_call_ms"],
+                "cache_tokens": [tc_first["cache_tokens"], tc_last["cache_tokens"]],
+                "merge_rate": tc_last["merge_rate"],
+                "rel_err_vs_dense_at_last": tc_last["rel_err_vs_dense"],
+            }
+            figures["meets"] = (
+                figures["latency_ratio_last_vs_first"] <= 1.15 and figures["speedup_vs_dense_at_last"] >= 5
+            )
+            out["layer"][method] = figures
+    pipeline = report.get("pipeline", [])
+    if pipeline:
+        by = {(r["method"], r["cache_frames"]): r for r in pipeline}
+        frames = sorted({r["cache_frames"] for r in pipeline})
+        early = min(frames, key=lambda f: abs(f - 21))
+        late = min(frames, key=lambda f: abs(f - report["max_frames"]))  # a chunk that still commits
+        warm = [by["tempcache", f]["peak_mib"] for f in frames if f >= CHUNK_FRAMES]
+        out["pipeline"] = {
+            "frames": [early, late],
+            "tempcache_latency_ratio": by["tempcache", late]["chunk_ms"] / by["tempcache", early]["chunk_ms"],
+            "tempcache_speedup_vs_dense": by["dense", late]["chunk_ms"] / by["tempcache", late]["chunk_ms"],
+            "window_speedup_vs_dense": by["dense", late]["chunk_ms"] / by["window", late]["chunk_ms"],
+            "tempcache_peak_spread_after_warmup": (max(warm) - min(warm)) / min(warm)
+            if warm and min(warm) > 0
+            else None,
+            "tempcache_merge_rate": by["tempcache", late]["merge_rate"],
+        }
+        p = out["pipeline"]
+        p["meets"] = (
+            p["tempcache_latency_ratio"] <= 1.15
+            and p["tempcache_speedup_vs_dense"] >= 5
+            and p["tempcache_peak_spread_after_warmup"] is not None
+            and p["tempcache_peak_spread_after_warmup"] <= 0.05
+        )
+    return out
+
+
+def format_table(report) -> str:
+    lines = []
+    layer = report.get("layer", [])
+    if layer:
+        lines.append(
+            "layer call (one chunk's queries) | method | provider | cache frames | cache tokens | ms | commit ms | MiB | merge rate | rel err"
+        )
+        for r in layer:
+            if "error" in r:
+                lines.append(
+                    f"  {r['method']:9s} {r['provider']:15s} {r['cache_frames']:4d}  error: {r['error']}"
+                )
+                continue
+            lines.append(
+                f"  {r['method']:9s} {r['provider']:15s} {r['cache_frames']:4d} {r['cache_tokens']:8d} "
+                f"{r['layer_call_ms']:8.3f} {_fmt(r['commit_ms_per_chunk'], '8.3f')} {_fmt(r.get('cache_mib'), '9.1f')} "
+                f"{_fmt(r.get('merge_rate'), '6.3f')} {_fmt(r.get('rel_err_vs_dense'), '9.2e')}"
+            )
+    pipeline = report.get("pipeline", [])
+    if pipeline:
+        frames = sorted({r["cache_frames"] for r in pipeline})
+        shown = sorted(
+            {
+                frames[0],
+                frames[1] if len(frames) > 1 else frames[0],
+                *(f for f in frames if f in (21, 60, 120, 240)),
+                frames[-1],
+            }
+        )
+        by = {(r["method"], r["cache_frames"]): r for r in pipeline}
+        lines.append(
+            "pipeline chunk (4 steps + commit) | cache frames | "
+            + " | ".join(f"{m} ms / peak MiB" for m in METHODS)
+        )
+        for f in shown:
+            cells = [
+                f"{by[m, f]['chunk_ms']:9.1f} / {by[m, f]['peak_mib']:9.0f}" for m in METHODS if (m, f) in by
+            ]
+            lines.append(f"  {f:4d}  " + "  ".join(cells))
+    for section, figures in report.get("targets", {}).items():
+        flat = {}
+        for key, value in figures.items():
+            flat.update(
+                {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+            )
+        lines.append(
+            f"targets ({section}): "
+            + ", ".join(f"{k}={_fmt(v, '.3f') if isinstance(v, float) else v}" for k, v in flat.items())
+        )
+    return "\n".join(lines)
+
+
+def plot(report, path: Path) -> None:
+    """Per-chunk latency and peak memory vs cache frames (pipeline), and layer-call time vs cache
+    frames (layer), as one PNG drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    panels = []
+    layer = [r for r in report.get("layer", []) if "error" not in r]
+    if layer:
+        series = {}
+        for r in layer:
+            series.setdefault(f"{r['method']} ({r['provider']})", []).append(
+                (r["cache_frames"], r["layer_call_ms"])
+            )
+        panels.append(("layer call ms vs cache frames", series))
+    pipeline = report.get("pipeline", [])
+    for key, title in (
+        ("chunk_ms", "pipeline ms per chunk vs frame"),
+        ("peak_mib", "pipeline peak MiB per chunk vs frame"),
+    ):
+        series = {}
+        for r in pipeline:
+            series.setdefault(r["method"], []).append((r["cache_frames"], r[key]))
+        if series:
+            panels.append((title, series))
+    width, height, pad = 640, 360, 48
+    image = Image.new("RGB", (width, height * max(len(panels), 1)), "white")
+    draw = ImageDraw.Draw(image)
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    for index, (title, series) in enumerate(panels):
+        top = index * height
+        xs = [x for points in series.values() for x, _ in points]
+        ys = [y for points in series.values() for _, y in points]
+        x0, x1, y1 = min(xs), max(max(xs), min(xs) + 1), max(ys) * 1.05 or 1.0
+        box = (pad, top + pad, width - pad // 2, top + height - pad)
+        draw.rectangle(box, outline="black")
+        draw.text((pad, top + 12), title, fill="black")
+        draw.text((4, box[1]), f"{y1:.3g}", fill="black")
+        draw.text((4, box[3] - 10), "0", fill="black")
+        draw.text((box[0], box[3] + 6), f"{x0}", fill="black")
+        draw.text((box[2] - 24, box[3] + 6), f"{x1}", fill="black")
+
+        def to_px(x, y, box=box, x0=x0, x1=x1, y1=y1):
+            return (box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - y / y1 * (box[3] - box[1]))
+
+        for s, (name, points) in enumerate(series.items()):
+            color = colors[s % len(colors)]
+            pixels = [to_px(x, y) for x, y in sorted(points)]
+            if len(pixels) > 1:
+                draw.line(pixels, fill=color, width=2)
+            for px, py in pixels:
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
+            draw.text((box[0] + 8, box[1] + 6 + 12 * s), name, fill=color)
+    image.save(path)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _bench(fn, device):
+    """Warm-up call, then the median time in ms (do_bench with CUDA events; perf_counter on CPU)."""
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return out, triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = []
+    for _ in range(MIN_REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return out, statistics.median(times)
+
+
+def _wall_ms(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+if __name__ == "__main__":
+    main()

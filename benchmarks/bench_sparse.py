@@ -1,0 +1,365 @@
+"""AnnSA and AnnCA against dense attention and FlexAttention (a script, not a test).
+
+Kernel level (``topic="annsa"``), 32,760 and 75,600 tokens, 12 heads × 128, bf16, B=1, at about
+5 / 10 / 20% block density (``top_k`` chosen per token count so that the plan's density is the
+closest to each target, ``n_clusters=64``, ``refresh_every=5``, 2 Lloyd iterations, 128-token blocks):
+
+- ``annsa_per_call``: one AnnSA layer call averaged over a simulated denoising run of 10 steps × 2
+  CFG passes through ``AnnSA.attend`` with a step context (plans built at steps 0 and 5 and reused
+  by the other 18 calls), so k-means, routing, token permutations and un-permutation all count;
+- ``vidaccel_kernel_same_layout`` / ``flex_same_layout``: the attention alone on the already
+  permuted tokens, vidaccel's block-sparse kernel vs FlexAttention (compiled) on the same layout;
+- ``sdpa_flash``: dense SDPA (flash backend), the baseline of ``vs_sdpa`` and ``sparse_eff``;
+- ``plan_ms``: one plan build (k-means + permutation + routing) on its own.
+
+Inputs: ``clustered``: per head, 32 centres of norm 9 (random directions); every query and key is a
+randomly chosen centre plus N(0, 0.1²) noise, so a query's attention mass sits on its centre's
+keys (about 3% of them) — the structure AnnSA exploits; ``random``: ``torch.randn`` (no structure,
+attention nearly uniform; fidelity there is reported, not targeted). ``rel_err``:
+‖out − dense‖/‖dense‖ on the first 1,024 queries against an fp32 reference on the same device.
+
+End to end (``--e2e``, ``topic="e2e"``): one Wan2.1-1.3B-shaped transformer (random weights, 30
+layers, 12 heads × 128, ffn 8960, bf16) at 480×832×81 (token grid 21×30×52), prompts of 512
+tokens of which the first 60 are non-zero (Wan zero-pads to 512). A run of 5 steps × 2 CFG passes
+(one AnnSA refresh period) with the stock diffusers processors (dense SDPA), then with
+``vidaccel.apply(AnnSAConfig(top_k=..., dense_layers=1, dense_steps=0), AnnCAConfig(top_p=0.9))``;
+the figure is ms per transformer forward, averaged over the run, and the step speedup.
+
+    python benchmarks/bench_sparse.py                 # GPU: kernel level, ~2-3 minutes
+    python benchmarks/bench_sparse.py --e2e           # GPU: plus the end-to-end step
+    python benchmarks/bench_sparse.py --quick         # tiny smoke run (GPU, or CPU interpreter)
+
+Writes ``benchmarks/results/sparse.json`` (``--out``) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import triton  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import Bench, _flex_block_mask, _fmt, _kept_pairs, _sdpa_baseline, _with_ratios  # noqa: E402
+
+import vidaccel  # noqa: E402
+from vidaccel import AnnCAConfig, AnnSAConfig, AttentionCall, StepContext, ops  # noqa: E402
+from vidaccel.metrics import relative_error  # noqa: E402
+from vidaccel.processors import annsa  # noqa: E402
+from vidaccel.state import context_of  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sparse.json"
+FULL = dict(
+    heads=12, head_dim=128, tokens=(32760, 75600), check_queries=1024, block=128, n_clusters=64, steps=10
+)
+QUICK_GPU = dict(heads=2, head_dim=128, tokens=(4000,), check_queries=512, block=128, n_clusters=16, steps=10)
+QUICK_CPU = dict(heads=1, head_dim=64, tokens=(256,), check_queries=128, block=32, n_clusters=8, steps=2)
+DENSITIES = (0.05, 0.10, 0.20)
+PASSES, REFRESH = 2, 5  # CFG passes per step, steps per plan refresh
+E2E_REPEATS = 2
+TRUE_CLUSTERS, CENTRE_NORM, NOISE = 32, 9.0, 0.1
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
+    parser.add_argument("--e2e", action="store_true", help="also time one Wan-1.3B-shaped denoising step")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.quick:
+        parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")
+    device = torch.device("cuda" if cuda else "cpu")
+    shapes = FULL if not args.quick else QUICK_GPU if cuda else QUICK_CPU
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    bench = Bench(device, dtype, dict(shapes, dense_tokens=shapes["tokens"]), args.seed)
+    rows = []
+    for tokens in shapes["tokens"]:
+        rows += kernel_level(bench, shapes, tokens)
+    if args.e2e:
+        rows += end_to_end(bench, quick=args.quick, steps=min(shapes["steps"], REFRESH))
+
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "quick": args.quick,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shapes": shapes,
+        "run": dict(steps=shapes["steps"], passes=PASSES, refresh_every=REFRESH),
+        "clustered_inputs": dict(true_clusters=TRUE_CLUSTERS, centre_norm=CENTRE_NORM, noise=NOISE),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']}")
+    print(format_table(rows))
+    print(f"wrote {args.out}")
+    return report
+
+
+def kernel_level(bench: Bench, shapes: dict, tokens: int) -> list[dict]:
+    heads, dim, block = shapes["heads"], shapes["head_dim"], shapes["block"]
+    inputs = {"clustered": clustered_qkv(bench, tokens), "random": bench._qkv(tokens)}
+    q, k, v = inputs["clustered"]
+    q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    sdpa = bench._measure(
+        dict(topic="annsa", tokens=tokens, input="any", provider="sdpa_flash", density=1.0),
+        lambda: _sdpa_flash(q_t, k_t, v_t),
+        bench._reference(q, k, v),
+        tokens * tokens * heads,
+        layout="bhsd",
+    )
+    rows = [sdpa]
+    baseline = _sdpa_baseline(rows, tokens)
+    base_config = dict(n_clusters=shapes["n_clusters"], refresh_every=REFRESH, dense_layers=0, dense_steps=0)
+    base_config.update(sink_tokens=0, ann_backend="triton", block_size=block)
+    top_ks = _top_k_for_densities(q, k, base_config, DENSITIES)
+    for target, top_k in zip(DENSITIES, top_ks, strict=True):
+        config = AnnSAConfig(top_k=top_k, **base_config)
+        for kind, (q, k, v) in inputs.items():
+            ref = bench._reference(q, k, v)
+            row = dict(topic="annsa", tokens=tokens, input=kind, target_density=target, top_k=top_k)
+            out, plan = simulate_run(q, k, v, config, shapes["steps"])
+            density = plan.density()
+            row.update(density=density, rel_err=relative_error(out[:, : ref.shape[1]], ref))
+            row["plan_ms"] = bench._time(lambda q=q, k=k, config=config: annsa.build_plan(q, k, config))[1]
+            run_ms = bench._time(
+                lambda q=q, k=k, v=v, config=config: simulate_run(q, k, v, config, shapes["steps"])
+            )[1]
+            pairs = _kept_pairs(plan.blocks.block_mask, tokens)
+            per_call = dict(row, provider="annsa_per_call", ms=run_ms / (shapes["steps"] * PASSES))
+            per_call["tflops"] = 4 * dim * pairs / per_call["ms"] * 1e-9
+            rows.append(_with_ratios(per_call, baseline, density))
+            rows += _same_layout(bench, row, plan, q, k, v, pairs, baseline, density)
+    return rows
+
+
+def simulate_run(q, k, v, config: AnnSAConfig, steps: int):
+    """One layer's calls over a denoising run (``steps`` × ``PASSES``) through ``AnnSA.attend`` with
+    a fresh step context: ``-> (last output [B, S, H, D], the last plan)``."""
+    method = config.build()
+    context, attn = StepContext(), _LAYER
+    out = None
+    for step in range(steps):
+        context.step_index = step
+        for _ in range(PASSES):
+            out, _ = method.attend(
+                AttentionCall(attn, "self", q, k, v, context=context, backend="triton"), _attention
+            )
+    return out, context.module_state(attn)["annsa"]["plan"]
+
+
+def _same_layout(bench, row, plan, q, k, v, pairs, baseline, density):
+    """The attention alone on permuted tokens: vidaccel's kernel and FlexAttention, same layout."""
+    q_p = annsa.take_rows(q, plan.q_rows)
+    k_p, v_p = annsa.take_rows(k, plan.k_rows), annsa.take_rows(v, plan.k_rows)
+    rows = []
+    ours = bench._time(lambda: ops.attention(q_p, k_p, v_p, plan=plan.blocks, backend="triton"))[1]
+    rows.append(_with_ratios(dict(row, provider="vidaccel_kernel_same_layout", ms=ours), baseline, density))
+    flex_fn, note = bench.flex
+    flex_row = dict(row, provider="flex_same_layout", mode=note)
+    if flex_fn is None:
+        return rows + [dict(flex_row, error=note)]
+    try:
+        mask = _flex_block_mask(plan.blocks.block_mask, q.shape[1])
+        q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q_p, k_p, v_p))
+        ms = bench._time(lambda: flex_fn(q_t, k_t, v_t, block_mask=mask))[1]
+    except Exception as exc:  # a peer that cannot run here is reported, not fatal
+        return rows + [dict(flex_row, error=f"{type(exc).__name__}: {exc}")]
+    return rows + [_with_ratios(dict(flex_row, ms=ms), baseline, density)]
+
+
+def clustered_qkv(bench: Bench, tokens: int):
+    """q, k, v ``[1, S, H, D]``: q and k around ``TRUE_CLUSTERS`` centres per head (see the docstring)."""
+    heads, dim = bench.shapes["heads"], bench.shapes["head_dim"]
+    gen = bench.generator
+    centres = torch.randn(heads, TRUE_CLUSTERS, dim, device=bench.device, generator=gen)
+    centres = torch.nn.functional.normalize(centres, dim=-1) * CENTRE_NORM
+
+    def around():
+        label = torch.randint(0, TRUE_CLUSTERS, (heads, tokens), device=bench.device, generator=gen)
+        x = torch.gather(centres, 1, label[..., None].expand(-1, -1, dim))  # [H, S, D]
+        x = x + NOISE * torch.randn(x.shape, device=bench.device, generator=gen)
+        return x.transpose(0, 1)[None].to(bench.dtype).contiguous()
+
+    return around(), around(), bench._randn(1, tokens, heads, dim)
+
+
+def _top_k_for_densities(q, k, base_config, targets):
+    """Per target density, the top_k whose plan on (q, k) comes closest."""
+    n_clusters = base_config["n_clusters"]
+    densities = {}
+    for top_k in sorted({max(1, round(n_clusters * t * f)) for t in targets for f in (0.5, 0.7, 0.85, 1.0)}):
+        densities[top_k] = annsa.build_plan(q, k, AnnSAConfig(top_k=top_k, **base_config)).density()
+    return [min(densities, key=lambda top_k: abs(densities[top_k] - t)) for t in targets]
+
+
+def _attention(call):
+    return ops.attention(
+        call.q,
+        call.k,
+        call.v,
+        scale=call.scale,
+        key_bias=call.key_bias,
+        plan=call.plan,
+        return_lse=True,
+        backend=call.backend,
+    )
+
+
+def _sdpa_flash(q_t, k_t, v_t):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_LAYER = torch.nn.Identity()  # the attention module a simulated run keys its plan state on
+
+
+def end_to_end(bench: Bench, quick: bool, steps: int) -> list[dict]:
+    """Per-forward time of a Wan-1.3B-shaped transformer, stock (dense SDPA) vs AnnSA + AnnCA."""
+    from diffusers import WanTransformer3DModel
+
+    device, dtype = bench.device, bench.dtype
+    layers, grid, text = (2, (3, 8, 8), 64) if quick else (30, (21, 30, 52), 512)
+    heads = 12 if not quick else 2
+    with torch.device(device):
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=heads,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960 if not quick else 256,
+            num_layers=layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+        )
+    model = model.to(dtype).eval()
+    latent = bench._randn(1, 16, grid[0], grid[1] * 2, grid[2] * 2)
+    prompts = []
+    for _ in range(PASSES):
+        embeds = bench._randn(1, text, 4096)
+        embeds[:, 60:] = 0  # Wan's zero padding
+        prompts.append(embeds)
+    timesteps = torch.linspace(999, 800, steps).tolist()
+
+    def run():
+        out = None
+        for t in timesteps:
+            for embeds in prompts:
+                timestep = torch.full((1,), t, device=device)
+                out = model(latent, timestep, embeds, return_dict=False)[0]
+        return out
+
+    def per_forward(fn):
+        """Warm-up run, then the median of ``E2E_REPEATS`` timed runs, per forward."""
+        out = fn()
+        times = []
+        for _ in range(E2E_REPEATS):
+            _sync(device)
+            begin = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - begin) * 1e3)
+        return out, statistics.median(times) / (steps * PASSES)
+
+    with torch.no_grad():
+        dense_out, dense_ms = per_forward(run)
+        density_k = max(1, round(0.10 * 64 * 0.7))
+        vidaccel.apply(
+            model,
+            AnnSAConfig(n_clusters=64, top_k=density_k, refresh_every=steps, dense_layers=1, dense_steps=0),
+            AnnCAConfig(top_p=0.9),
+        )
+        sparse_out, sparse_ms = per_forward(run)
+        context = context_of(model)
+        plans = [context.module_state(block.attn1).get("annsa", {}).get("plan") for block in model.blocks]
+        density = statistics.mean(plan.density() for plan in plans if plan is not None)
+        vidaccel.remove(model)
+    base = dict(topic="e2e", tokens=grid[0] * grid[1] * grid[2], input="random weights")
+    return [
+        dict(base, provider="stock_dense_sdpa", ms=dense_ms, density=1.0),
+        dict(
+            base,
+            provider="annsa_annca",
+            ms=sparse_ms,
+            density=density,
+            top_k=density_k,
+            step_speedup=dense_ms / sparse_ms,
+            rel_err=relative_error(sparse_out.float(), dense_out.float()),
+        ),
+    ]
+
+
+def format_table(rows) -> str:
+    header = (
+        "topic",
+        "tokens",
+        "input",
+        "density",
+        "provider",
+        "ms",
+        "vs SDPA",
+        "sparse eff",
+        "plan ms",
+        "rel err",
+    )
+    lines = [header]
+    for r in rows:
+        cells = (
+            r["topic"],
+            str(r["tokens"]),
+            r.get("input", ""),
+            _fmt(r.get("density"), ".3f"),
+            r["provider"],
+        )
+        if "error" in r:
+            lines.append((*cells, "error: " + r["error"][:60], "", "", "", ""))
+            continue
+        ratio = r.get("vs_sdpa", r.get("step_speedup"))
+        lines.append(
+            (
+                *cells,
+                _fmt(r.get("ms"), ".3f"),
+                _fmt(ratio, ".2f") + ("x" if ratio else ""),
+                _fmt(r.get("sparse_eff"), ".2f"),
+                _fmt(r.get("plan_ms"), ".2f") if r["provider"] == "annsa_per_call" else "",
+                _fmt(r.get("rel_err"), ".3f"),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+if __name__ == "__main__":
+    main()
