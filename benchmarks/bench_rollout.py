@@ -60,14 +60,10 @@ from vidaccel import TempCacheConfig, ops  # noqa: E402
 from vidaccel.cache import DenseKVCache, RollingKVCache, TempCacheKV  # noqa: E402
 from vidaccel.metrics import relative_error  # noqa: E402
 from vidaccel.pipelines import CausalWanPipeline  # noqa: E402
-from vidaccel.pipelines.tiny import _cast as cast_keeping_fp32_modules  # noqa: E402  (as from_pretrained casts)
+from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG as WAN_13B  # noqa: E402
+from vidaccel.pipelines.tiny import cast_keeping_fp32_modules  # noqa: E402  (as from_pretrained casts)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rollout.json"
-WAN_13B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6, rope_max_seq_len=1024,
-)  # fmt: skip
 TINY = dict(WAN_13B, num_attention_heads=2, attention_head_dim=64, text_dim=32, ffn_dim=64, num_layers=2)
 FULL = dict(
     model=WAN_13B, grid_hw=(30, 52), layer_frames=(21, 60, 120, 240), max_frames=240, window=21, text_len=512

@@ -48,6 +48,7 @@ import vidaccel  # noqa: E402
 from vidaccel import ops  # noqa: E402
 from vidaccel.kernels.window import DEFAULT_TILES, plan_window, window_starts  # noqa: E402
 from vidaccel.metrics import relative_error  # noqa: E402
+from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "window.json"
 FULL = dict(grid=(21, 68, 120), half_window=(15, 26), heads=12, head_dim=128, check_queries=512)
@@ -57,7 +58,6 @@ QUICK_CPU = dict(grid=(2, 9, 13), half_window=(2, 3), heads=1, head_dim=64, chec
 # waste, at the cost of a 64-wide inner loop.
 ALT_TILES = (((8, 16), (8, 8)), ((16, 8), (16, 8)))
 CACHE_STEPS = (1, 2, 5)
-WAN_13B = dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
 STEP_QUICK = dict(num_layers=2, num_attention_heads=2, attention_head_dim=64, ffn_dim=256)
 
 
@@ -195,21 +195,10 @@ def step_rows(bench: Bench, shapes, *, quick: bool) -> list[dict]:
     from vidaccel.processors.freeswim import STATE_KEY, FreeSwimBatch
     from vidaccel.state import context_of
 
-    dims = STEP_QUICK if quick else WAN_13B
+    dims = STEP_QUICK if quick else {}
     grid, half = shapes["grid"], shapes["half_window"]
     with torch.device(bench.device):
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=1024,
-            **dims,
-        )
+        model = WanTransformer3DModel(**{**WAN21_1_3B_CONFIG, **dims})
     model = model.to(bench.dtype).eval()  # speed only: random weights, every module in bf16
     latent = torch.randn(1, 16, grid[0], 2 * grid[1], 2 * grid[2], device=bench.device, dtype=bench.dtype)
     prompt = torch.randn(1, 512, 4096, device=bench.device, dtype=bench.dtype)

@@ -42,26 +42,11 @@ from PIL import Image, ImageDraw
 import vidaccel
 from vidaccel.metrics import psnr, relative_error
 from vidaccel.pipelines import CausalWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds
+from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG
 
 METHODS = ("dense", "window", "tempcache")
 FPS = 16
 VIEW_SIZE = 256  # written videos are upscaled (nearest) to at least this short side
-# Wan2.1-1.3B (diffusers config of Wan-AI/Wan2.1-T2V-1.3B-Diffusers).
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
 PROMPT_TOKENS = 512  # Wan pads T5 prompts to 512 tokens
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8  # the Wan VAE's compression, emulated by --random-weights
 
@@ -126,10 +111,10 @@ def _build(args, device, dtype):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        transformer = WanTransformer3DModel(**WAN_1_3B).to(device=device, dtype=dtype).eval()
+        transformer = WanTransformer3DModel(**WAN21_1_3B_CONFIG).to(device=device, dtype=dtype).eval()
     pipe = CausalWanPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=5.0))
     embeds = torch.randn(
-        1, PROMPT_TOKENS, WAN_1_3B["text_dim"], generator=torch.Generator().manual_seed(args.seed + 1)
+        1, PROMPT_TOKENS, WAN21_1_3B_CONFIG["text_dim"], generator=torch.Generator().manual_seed(args.seed + 1)
     )
     latent_frames = (args.frames - 1) // VAE_TEMPORAL + 1
     size = (args.height // VAE_SPATIAL, args.width // VAE_SPATIAL, latent_frames)

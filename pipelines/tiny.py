@@ -26,7 +26,25 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 if TYPE_CHECKING:
     from diffusers import WanImageToVideoPipeline
 
-__all__ = ["build_tiny_wan_pipeline", "tiny_prompt_embeds"]
+__all__ = ["WAN21_1_3B_CONFIG", "build_tiny_wan_pipeline", "cast_keeping_fp32_modules", "tiny_prompt_embeds"]
+
+WAN21_1_3B_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+"""``WanTransformer3DModel`` config of Wan2.1-T2V-1.3B (as in its diffusers checkpoint), for the
+random-weight benchmarks and demos: ``WanTransformer3DModel(**WAN21_1_3B_CONFIG)``."""
 
 # diffusers' Wan I2V attention takes the last 512 encoder tokens as the (padded) prompt.
 _I2V_TEXT_TOKENS = 512
@@ -87,7 +105,7 @@ def build_tiny_wan_pipeline(
             "text_encoder": None,
             "vae": vae.eval(),
             "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
-            "transformer": _cast(transformer.eval(), dtype),
+            "transformer": cast_keeping_fp32_modules(transformer.eval(), dtype),
         }
         if not i2v:
             return WanPipeline(**components).to(device)
@@ -125,7 +143,7 @@ def tiny_prompt_embeds(
     return embeds.to(device=transformer.device, dtype=transformer.dtype)
 
 
-def _cast(transformer: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
+def cast_keeping_fp32_modules(transformer: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
     """Cast to ``dtype`` but keep the model's ``_keep_in_fp32_modules`` as they are, as
     ``from_pretrained(torch_dtype=...)`` does (a plain ``.to(dtype)`` would cast them too)."""
     keep = set(transformer._keep_in_fp32_modules)
