@@ -1,8 +1,7 @@
 """vidaccel pipelines (imported as ``vidaccel.pipelines``).
 
-Now: the tiny from-config Wan pipelines used by tests and ``make demo``. Later issues add
-``CausalWanPipeline`` (autoregressive rollout with a KV cache), ``WorldModelPipeline`` and
-``FreeSwimWanPipeline``.
+``CausalWanPipeline`` (autoregressive rollout with a KV cache), ``FreeSwimWanPipeline`` (FreeSwim
+refinement above the training size) and the tiny from-config Wan pipelines of the tests and ``make demo``.
 """
 
 from .causal_wan import CausalWanPipeline, RolloutState
