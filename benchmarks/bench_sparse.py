@@ -2,7 +2,8 @@
 
 Kernel level (``topic="annsa"``), 32,760 and 75,600 tokens, 12 heads × 128, bf16, B=1, at about
 5 / 10 / 20% block density (``top_k`` chosen per token count so that the plan's density is the
-closest to each target, ``n_clusters=64``, ``refresh_every=5``, 2 Lloyd iterations, 128-token blocks):
+closest to each target, ``n_clusters=64``, ``refresh_every=5``, 2 Lloyd iterations, 128-token blocks),
+and with ``top_p=0.95`` (mass-based routing, its density set by the data; ``route`` column):
 
 - ``annsa_per_call``: one AnnSA layer call averaged over a simulated denoising run of 10 steps × 2
   CFG passes through ``AnnSA.attend`` with a step context (plans built at steps 0 and 5 and reused
@@ -10,6 +11,7 @@ closest to each target, ``n_clusters=64``, ``refresh_every=5``, 2 Lloyd iteratio
 - ``vidaccel_kernel_same_layout`` / ``flex_same_layout``: the attention alone on the already
   permuted tokens, vidaccel's block-sparse kernel vs FlexAttention (compiled) on the same layout;
 - ``sdpa_flash``: dense SDPA (flash backend), the baseline of ``vs_sdpa`` and ``sparse_eff``;
+- ``annsa_permutation_only``: the token gathers AnnSA adds per call (q, k, v in; out back);
 - ``plan_ms``: one plan build (k-means + permutation + routing) on its own.
 
 Inputs: ``clustered``: per head, 32 centres of norm 9 (random directions); every query and key is a
@@ -69,6 +71,7 @@ DENSITIES = (0.05, 0.10, 0.20)
 PASSES, REFRESH = 2, 5  # CFG passes per step, steps per plan refresh
 E2E_REPEATS = 2
 TRUE_CLUSTERS, CENTRE_NORM, NOISE = 32, 9.0, 0.1
+TOP_P = 0.95  # the mass-routed row next to the top_k ones
 
 
 def main(argv=None) -> dict:
@@ -131,11 +134,14 @@ def kernel_level(bench: Bench, shapes: dict, tokens: int) -> list[dict]:
     base_config = dict(n_clusters=shapes["n_clusters"], refresh_every=REFRESH, dense_layers=0, dense_steps=0)
     base_config.update(sink_tokens=0, ann_backend="triton", block_size=block)
     top_ks = _top_k_for_densities(q, k, base_config, DENSITIES)
-    for target, top_k in zip(DENSITIES, top_ks, strict=True):
-        config = AnnSAConfig(top_k=top_k, **base_config)
+    routings = [(target, dict(top_k=top_k)) for target, top_k in zip(DENSITIES, top_ks, strict=True)]
+    routings.append((None, dict(top_p=TOP_P)))  # mass-based routing: density follows the data
+    references = {kind: bench._reference(*qkv) for kind, qkv in inputs.items()}
+    for target, routing in routings:
+        config = AnnSAConfig(**routing, **base_config)
         for kind, (q, k, v) in inputs.items():
-            ref = bench._reference(q, k, v)
-            row = dict(topic="annsa", tokens=tokens, input=kind, target_density=target, top_k=top_k)
+            ref = references[kind]
+            row = dict(topic="annsa", tokens=tokens, input=kind, target_density=target, **routing)
             out, plan = simulate_run(q, k, v, config, shapes["steps"])
             density = plan.density()
             row.update(density=density, rel_err=relative_error(out[:, : ref.shape[1]], ref))
@@ -170,7 +176,16 @@ def _same_layout(bench, row, plan, q, k, v, pairs, baseline, density):
     """The attention alone on permuted tokens: vidaccel's kernel and FlexAttention, same layout."""
     q_p = annsa.take_rows(q, plan.q_rows)
     k_p, v_p = annsa.take_rows(k, plan.k_rows), annsa.take_rows(v, plan.k_rows)
-    rows = []
+    out_p = torch.empty_like(q_p)
+    permute_ms = bench._time(  # what AnnSA adds per call around the kernel: 3 gathers, 1 un-permute
+        lambda: (
+            annsa.take_rows(q, plan.q_rows),
+            annsa.take_rows(k, plan.k_rows),
+            annsa.take_rows(v, plan.k_rows),
+            annsa.take_rows(out_p, plan.q_inverse_rows),
+        )
+    )[1]
+    rows = [dict(row, provider="annsa_permutation_only", ms=permute_ms)]
     ours = bench._time(lambda: ops.attention(q_p, k_p, v_p, plan=plan.blocks, backend="triton"))[1]
     rows.append(_with_ratios(dict(row, provider="vidaccel_kernel_same_layout", ms=ours), baseline, density))
     flex_fn, note = bench.flex
@@ -203,10 +218,10 @@ def clustered_qkv(bench: Bench, tokens: int):
 
 
 def _top_k_for_densities(q, k, base_config, targets):
-    """Per target density, the top_k whose plan on (q, k) comes closest."""
-    n_clusters = base_config["n_clusters"]
+    """Per target density, the top_k whose plan on (q, k) comes closest (each query block visits
+    the union of its queries' top_k clusters, so top_k 1 is already a few percent)."""
     densities = {}
-    for top_k in sorted({max(1, round(n_clusters * t * f)) for t in targets for f in (0.5, 0.7, 0.85, 1.0)}):
+    for top_k in range(1, max(1, round(base_config["n_clusters"] * max(targets) / 2)) + 1):
         densities[top_k] = annsa.build_plan(q, k, AnnSAConfig(top_k=top_k, **base_config)).density()
     return [min(densities, key=lambda top_k: abs(densities[top_k] - t)) for t in targets]
 
@@ -293,7 +308,7 @@ def end_to_end(bench: Bench, quick: bool, steps: int) -> list[dict]:
 
     with torch.no_grad():
         dense_out, dense_ms = per_forward(run)
-        density_k = max(1, round(0.10 * 64 * 0.7))
+        density_k = 2  # per-query top-2 clusters, unioned per block: ~10% on the clustered inputs
         vidaccel.apply(
             model,
             AnnSAConfig(n_clusters=64, top_k=density_k, refresh_every=steps, dense_layers=1, dense_steps=0),
@@ -325,6 +340,7 @@ def format_table(rows) -> str:
         "tokens",
         "input",
         "density",
+        "route",
         "provider",
         "ms",
         "vs SDPA",
@@ -339,6 +355,7 @@ def format_table(rows) -> str:
             str(r["tokens"]),
             r.get("input", ""),
             _fmt(r.get("density"), ".3f"),
+            f"k={r['top_k']}" if r.get("top_k") else f"p={r['top_p']}" if r.get("top_p") else "",
             r["provider"],
         )
         if "error" in r:

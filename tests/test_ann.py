@@ -134,3 +134,16 @@ def test_kmeans_kernels_on_gpu(dtype):
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_init_centroids_covers_every_separated_cluster():
+    """Farthest-point start: with as many centroids as true clusters each cluster gets exactly one
+    (the evenly spaced pick it replaced left about 1/e of them without one); with more, every
+    cluster still gets one."""
+    x, centres = _clustered(n_clusters=16, per_cluster=24)
+    for n_centroids in (16, 32):
+        start = ann.init_centroids(x, n_centroids)
+        assert start.shape == (2, n_centroids, 64) and start.dtype == torch.float32
+        nearest = torch.cdist(start, centres).argmin(-1)  # [G, C]: the true cluster of each pick
+        counts = torch.zeros(2, 16, dtype=torch.long).scatter_add_(1, nearest, torch.ones_like(nearest))
+        assert counts.min() >= 1

@@ -36,7 +36,10 @@ __all__ = [
 HOOK_NAME = "vidaccel_step_context"
 """Name of the step-context hook in a transformer's diffusers ``HookRegistry``."""
 
-_BOUND: weakref.WeakKeyDictionary[torch.nn.Module, StepContext] = weakref.WeakKeyDictionary()
+# Each bound attention module carries its context in this attribute (a plain attribute, not a global
+# weak mapping: torch.compile guards on it cheaply, and a global WeakKeyDictionary whose dead entries the
+# garbage collector removes while dynamo builds its guards breaks the guards).
+_CONTEXT_ATTR = "_vidaccel_step_context"
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ def attach_context(
     context = hook.context
     for attn, info in layers.items():
         context._layers[attn] = info
-        _BOUND[attn] = context
+        object.__setattr__(attn, _CONTEXT_ATTR, context)
     return context
 
 
@@ -213,8 +216,8 @@ def detach_context(transformer: torch.nn.Module) -> None:
     if context is None:
         return
     for attn in list(context._layers):
-        if _BOUND.get(attn) is context:
-            del _BOUND[attn]
+        if attn.__dict__.get(_CONTEXT_ATTR) is context:
+            del attn.__dict__[_CONTEXT_ATTR]
     context.reset()
     HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(HOOK_NAME, recurse=False)
 
@@ -227,7 +230,7 @@ def context_of(transformer: torch.nn.Module) -> StepContext | None:
 
 def context_for(attn: torch.nn.Module) -> StepContext | None:
     """The step context an attention module was bound to by ``vidaccel.apply``, or ``None``."""
-    return _BOUND.get(attn)
+    return getattr(attn, _CONTEXT_ATTR, None)
 
 
 class _CacheContextReceiver(StateManager):

@@ -290,11 +290,24 @@ def import_faiss():
     return faiss
 
 
-def init_centroids(x: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """Deterministic k-means start: ``n_clusters`` points of ``x [G, N, D]`` evenly spaced in token
-    order (video tokens in raster order, so the start covers the clip) -> fp32 ``[G, C, D]``."""
-    picks = torch.linspace(0, x.shape[1] - 1, n_clusters, device=x.device).round().long()
-    return x[:, picks].float()
+def init_centroids(x: torch.Tensor, n_clusters: int, sample: int = 4096) -> torch.Tensor:
+    """Deterministic k-means start: farthest-point sampling over ``sample`` points of ``x [G, N, D]``
+    evenly spaced in token order -> fp32 ``[G, C, D]``.
+
+    From the first sampled point, each next centroid is the sampled point farthest from those chosen,
+    so every well-separated cluster gets a centroid before any cluster gets a second one (an evenly
+    spaced pick leaves about ``e^{-C/K}`` of ``K`` true clusters without a centroid and merges them).
+    """
+    groups, n_points, dim = x.shape
+    picks = torch.linspace(0, n_points - 1, min(max(sample, n_clusters), n_points), device=x.device)
+    points = x[:, picks.round().long()].float()  # [G, P, D]
+    chosen = torch.zeros(groups, n_clusters, device=x.device, dtype=torch.long)
+    nearest = (points - points[:, :1]).square().sum(-1)  # [G, P], squared distance to the chosen set
+    for i in range(1, n_clusters):
+        chosen[:, i] = nearest.argmax(1)
+        centre = torch.gather(points, 1, chosen[:, i, None, None].expand(-1, 1, dim))
+        nearest = torch.minimum(nearest, (points - centre).square().sum(-1))
+    return torch.gather(points, 1, chosen[..., None].expand(-1, -1, dim))
 
 
 def _cluster_log_size(key_bias, assign, n_clusters, keys):

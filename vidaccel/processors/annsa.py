@@ -6,14 +6,17 @@ refresh (the other CFG passes and the next ``refresh_every - 1`` steps):
 1. k-means over the keys of every batch entry and head (``vidaccel.ann``), warm-started from the
    layer's previous centroids. Sink keys (the first ``sink_tokens``) and masked keys (``key_bias``
    ``-inf``) are not clustered.
-2. A key permutation per head: sinks first, then the clusters one after another, masked keys last.
-   A query permutation groups the queries by the key cluster they score highest, so a query block
+2. A key permutation per head: sinks first, then the clusters one after another in a chained
+   order (:func:`chain_order`: each cluster next to its nearest one, so the fragments of a
+   structure split over several clusters share key blocks), masked keys last. A query permutation
+   groups the queries by the key cluster they score highest, in the same order, so a query block
    is coherent.
 3. Routing: every query's attention mass per cluster is estimated (from centroid scores and
-   cluster sizes, ``log Σ exp(key_bias)`` of the members; exactly by the exact backend). With
-   ``top_p`` a query block routes the union of its queries' smallest cluster sets holding ``top_p``
-   of their mass; with ``top_k`` the ``top_k`` clusters of its queries' mean mass. The query block
-   visits every key block that overlaps a routed cluster, plus the sink blocks.
+   cluster sizes, ``log Σ exp(key_bias)`` of the members; exactly by the exact backend). Each query
+   keeps its smallest cluster set holding ``top_p`` of its mass, or its ``top_k`` most massive
+   clusters; a query block routes the union over its queries (so no query loses its own clusters
+   to the block's majority) and visits every key block that overlaps a routed cluster, plus the
+   sink blocks.
 
 Each call then permutes q/k/v (and ``key_bias``, e.g. TempCache's ``log(count)``) with the plan,
 runs the rest of the chain on the block-sparse layout and un-permutes output and LSE. The attention
@@ -44,6 +47,7 @@ __all__ = [
     "AnnSAPlan",
     "AnnSAProcessor",
     "build_plan",
+    "chain_order",
     "gather_tokens",
     "run_plan",
     "select_clusters",
@@ -123,26 +127,31 @@ def build_plan(
         centroids = ann.init_centroids(kg, n_clusters)
     centroids, assign = backend.kmeans(kg, centroids, config.kmeans_iters, clustered)
 
-    # Keys: sinks (-1) first, clusters in order, masked keys (n_clusters) last.
-    sort_key = torch.where(clustered, assign.long(), n_clusters)
+    # Clusters laid out in chain order (each next to its most similar one), so that the fragments
+    # of one true cluster (n_clusters > true clusters splits them) share key blocks and queries.
+    rank = chain_order(centroids)  # [G, C]: the layout position of each cluster
+    assign_rank = torch.gather(rank, 1, assign.long().clamp(min=0))
+    # Keys: sinks (-1) first, clusters in layout order, masked keys (n_clusters) last.
+    sort_key = torch.where(clustered, assign_rank, n_clusters)
     sort_key[:, :sinks] = -1
     k_perm = torch.sort(sort_key, dim=1, stable=True).indices  # [G, Sk]
     sizes = torch.zeros(groups, n_clusters, device=k.device, dtype=torch.long)
     sizes.scatter_add_(1, torch.where(clustered, assign.long(), 0), clustered.long())
-    starts = sinks + torch.cumsum(sizes, 1) - sizes  # [G, C], first permuted slot of each cluster
+    ranked_sizes = torch.zeros_like(sizes).scatter_(1, rank, sizes)  # [G, C] in layout order
+    starts = sinks + torch.gather(torch.cumsum(ranked_sizes, 1) - ranked_sizes, 1, rank)  # [G, C]
 
-    # Queries: grouped by the key cluster they score highest.
+    # Queries: grouped by the key cluster they score highest, in layout order.
     q_assign = backend.assign(qg, centroids, "ip")
-    q_perm = torch.sort(q_assign.long(), dim=1, stable=True).indices  # [G, Sq]
+    q_perm = torch.sort(torch.gather(rank, 1, q_assign.long()), dim=1, stable=True).indices  # [G, Sq]
     offsets = torch.arange(groups, device=q.device)[:, None] * seq_q
     q_sorted = qg.reshape(-1, dim).index_select(0, (q_perm + offsets).reshape(-1)).view(groups, seq_q, dim)
 
     mass = backend.cluster_mass(q_sorted, kg, bias, assign, centroids, scale)  # [G, Sq, C]
     n_q_blocks = -(-seq_q // bq)
-    if config.top_k is not None:  # the top_k clusters of the block's mean mass
-        selected = select_clusters(_block_reduce(mass, bq, n_q_blocks, "mean"), top_k=config.top_k)
-    else:  # every query keeps top_p of its own mass: the union over the block
-        selected = _block_reduce(select_clusters(mass, top_p=config.top_p), bq, n_q_blocks, "any")
+    # Every query keeps its own top_k clusters (or top_p of its own mass); a query block visits the
+    # union over its queries, so no query loses its own clusters to a block majority.
+    per_query = select_clusters(mass, top_p=config.top_p, top_k=config.top_k)
+    selected = _block_reduce(per_query, bq, n_q_blocks, "any")
 
     n_k_blocks = -(-seq_k // bk)
     block_ids = torch.arange(n_k_blocks, device=k.device)
@@ -186,6 +195,24 @@ def run_plan(plan: AnnSAPlan, call: AttentionCall, proceed: Proceed) -> Attentio
     )
     out, lse = proceed(permuted)
     return take_rows(out, plan.q_inverse_rows), torch.gather(lse, 2, plan.q_inverse)
+
+
+def chain_order(centroids: torch.Tensor) -> torch.Tensor:
+    """A 1-D layout of clusters: ``centroids [G, C, D]`` -> int64 ``[G, C]``, the position of each
+    cluster in a greedy nearest-neighbour chain (by squared distance) from cluster 0."""
+    groups, n_clusters, _ = centroids.shape
+    dist = torch.cdist(centroids.float(), centroids.float())  # [G, C, C]
+    rank = torch.zeros(groups, n_clusters, device=centroids.device, dtype=torch.long)
+    taken = torch.zeros(groups, n_clusters, device=centroids.device, dtype=torch.bool)
+    current = torch.zeros(groups, 1, device=centroids.device, dtype=torch.long)
+    positions = torch.arange(n_clusters, device=centroids.device)
+    for position in positions[:-1]:
+        taken.scatter_(1, current, True)
+        rank.scatter_(1, current, position.expand(groups, 1))
+        row = torch.gather(dist, 1, current[..., None].expand(-1, 1, n_clusters))[:, 0]  # [G, C]
+        current = row.masked_fill(taken, float("inf")).argmin(1, keepdim=True)
+    rank.scatter_(1, current, positions[-1].expand(groups, 1))
+    return rank
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
