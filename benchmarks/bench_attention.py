@@ -92,20 +92,7 @@ def main(argv=None) -> dict:
     rows += bench.merge(shapes["sparse_tokens"])
 
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device)
-        if cuda
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "vidaccel": getattr(vidaccel, "__version__", _dist_version()),
-        "python": sys.version.split()[0],
-        "quick": args.quick,
-        "timer": "triton.testing.do_bench median (CUDA events)"
-        if cuda
-        else "time.perf_counter median (CPU smoke run)",
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "dtype": str(dtype).removeprefix("torch."),
+        **environment(device, args.quick, dtype),
         "batch": 1,
         "heads": shapes["heads"],
         "head_dim": shapes["head_dim"],
@@ -314,10 +301,7 @@ def format_table(rows) -> str:
             ratio = _pair(r, "vs_sdpa", "vs_best_sdpa", "x")
         efficiency = _pair(r, "sparse_eff", "sparse_eff_best_sdpa", "")
         lines.append((*cells, _fmt(r["ms"], ".3f"), speed, ratio, efficiency, _fmt(r.get("rel_err"), ".2e")))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    return align(lines)
 
 
 def _pair(row, flash_key, best_key, unit):
@@ -393,6 +377,29 @@ def _flex_block_mask(block_mask, tokens):
 
 def _fmt(value, spec):
     return "" if value is None else format(value, spec)
+
+
+def environment(device: torch.device, quick: bool, dtype: torch.dtype) -> dict:
+    """The fields every benchmark report starts with: date, device, versions, timer, dtype."""
+    cuda = device.type == "cuda"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "vidaccel": getattr(vidaccel, "__version__", _dist_version()),
+        "python": sys.version.split()[0],
+        "quick": quick,
+        "timer": "triton.testing.do_bench median (CUDA events)" if cuda else "time.perf_counter median (CPU smoke run)",
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def align(lines: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the header first) as left-aligned text columns."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def _dist_version():

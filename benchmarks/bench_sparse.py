@@ -53,7 +53,15 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import Bench, _flex_block_mask, _fmt, _kept_pairs, _sdpa_baseline, _with_ratios  # noqa: E402
+from bench_attention import (  # noqa: E402
+    Bench,
+    _flex_block_mask,
+    _fmt,
+    _kept_pairs,
+    _sdpa_baseline,
+    _with_ratios,
+    align,
+)
 
 import vidaccel  # noqa: E402
 from vidaccel import AnnCAConfig, AnnSAConfig, AttentionCall, StepContext, ops  # noqa: E402
@@ -372,10 +380,7 @@ def format_table(rows) -> str:
                 _fmt(r.get("rel_err"), ".3f"),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    return align(lines)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,9 @@ mean nothing. Writes ``benchmarks/results/window.json`` (``--out``) and prints a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -41,7 +38,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
-from bench_attention import Bench, _dist_version, _fmt  # noqa: E402
+from bench_attention import Bench, _fmt, align, environment  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import vidaccel  # noqa: E402
@@ -86,19 +83,7 @@ def main(argv=None) -> dict:
             rows.append(dict(topic="step", provider="step", error=f"{type(exc).__name__}: {exc}"))
 
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device)
-        if cuda
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "vidaccel": getattr(vidaccel, "__version__", _dist_version()),
-        "python": sys.version.split()[0],
-        "quick": args.quick,
-        "timer": "triton.testing.do_bench median (CUDA events)"
-        if cuda
-        else "time.perf_counter (CPU smoke run)",
-        "dtype": str(dtype).removeprefix("torch."),
+        **environment(device, args.quick, dtype),
         "grid": list(shapes["grid"]),
         "half_window": list(shapes["half_window"]),
         "heads": shapes["heads"],
@@ -362,10 +347,7 @@ def format_table(rows) -> str:
                 _fmt(r.get("vs_dense_step"), ".3f"),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    return align(lines)
 
 
 if __name__ == "__main__":
