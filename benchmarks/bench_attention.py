@@ -68,9 +68,10 @@ MIN_REPEATS = 5
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.out = results_path(args.out, DEFAULT_OUT, args.quick)
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:
@@ -394,6 +395,14 @@ def environment(device: torch.device, quick: bool, dtype: torch.dtype) -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def results_path(out: Path | None, default: Path, quick: bool) -> Path:
+    """Where a report goes: ``--out`` if given, else ``default``, or ``<stem>_quick.json`` beside it for a
+    ``--quick`` smoke run, so that a smoke run never overwrites the measured results."""
+    if out is not None:
+        return out
+    return default.with_name(f"{default.stem}_quick{default.suffix}") if quick else default
 
 
 def align(lines: list[tuple[str, ...]]) -> str:

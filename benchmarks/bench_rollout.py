@@ -63,6 +63,9 @@ from vidaccel.pipelines import CausalWanPipeline  # noqa: E402
 from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG as WAN_13B  # noqa: E402
 from vidaccel.pipelines.tiny import cast_keeping_fp32_modules  # noqa: E402  (as from_pretrained casts)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import results_path  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rollout.json"
 TINY = dict(WAN_13B, num_attention_heads=2, attention_head_dim=64, text_dim=32, ffn_dim=64, num_layers=2)
 FULL = dict(
@@ -87,10 +90,11 @@ def main(argv=None) -> dict:
         "--noise", type=float, default=0.1, help="relative noise between consecutive synthetic frames"
     )
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT}); PNG beside it"
+        "--out", type=Path, default=None, help=f"JSON results (default {DEFAULT_OUT}); PNG beside it"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.out = results_path(args.out, DEFAULT_OUT, args.quick)
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:

@@ -61,6 +61,7 @@ from bench_attention import (  # noqa: E402
     _sdpa_baseline,
     _with_ratios,
     align,
+    results_path,
 )
 
 import vidaccel  # noqa: E402
@@ -86,9 +87,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
     parser.add_argument("--e2e", action="store_true", help="also time one Wan-1.3B-shaped denoising step")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.out = results_path(args.out, DEFAULT_OUT, args.quick)
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:
         parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")

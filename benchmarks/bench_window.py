@@ -38,7 +38,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
-from bench_attention import Bench, _fmt, align, environment  # noqa: E402
+from bench_attention import Bench, _fmt, align, environment, results_path  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import vidaccel  # noqa: E402
@@ -62,9 +62,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
     parser.add_argument("--step", action="store_true", help="also time the Wan-1.3B-shaped refinement step")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.out = results_path(args.out, DEFAULT_OUT, args.quick)
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:
