@@ -66,12 +66,8 @@ MIN_REPEATS = 5
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON results (default {DEFAULT_OUT})")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.out = results_path(args.out, DEFAULT_OUT, args.quick)
+    parser = bench_parser(__doc__, DEFAULT_OUT)
+    args = parse_bench_args(parser, argv)
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:
@@ -395,6 +391,24 @@ def environment(device: torch.device, quick: bool, dtype: torch.dtype) -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def bench_parser(doc: str, default_out: Path) -> argparse.ArgumentParser:
+    """The options every benchmark script takes (``--quick``, ``--out``, ``--seed``); a script adds its own
+    and parses with :func:`parse_bench_args`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON results (default {default_out})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(default_out=default_out)
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse ``argv``; ``args.out`` is resolved by :func:`results_path`."""
+    args = parser.parse_args(argv)
+    args.out = results_path(args.out, args.default_out, args.quick)
+    return args
 
 
 def results_path(out: Path | None, default: Path, quick: bool) -> Path:

@@ -35,7 +35,6 @@ Writes ``benchmarks/results/rollout.json`` and ``rollout.png`` (``--out``) and p
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -64,7 +63,7 @@ from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG as WAN_13B  # noqa: E402
 from vidaccel.pipelines.tiny import cast_keeping_fp32_modules  # noqa: E402  (as from_pretrained casts)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import results_path  # noqa: E402
+from bench_attention import bench_parser, parse_bench_args  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rollout.json"
 TINY = dict(WAN_13B, num_attention_heads=2, attention_head_dim=64, text_dim=32, ffn_dim=64, num_layers=2)
@@ -80,8 +79,7 @@ MIN_REPEATS = 5
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
+    parser = bench_parser(__doc__, DEFAULT_OUT)
     parser.add_argument(
         "--max-frames", type=int, default=None, help="latent frames of the longest cache (default 240)"
     )
@@ -89,12 +87,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--noise", type=float, default=0.1, help="relative noise between consecutive synthetic frames"
     )
-    parser.add_argument(
-        "--out", type=Path, default=None, help=f"JSON results (default {DEFAULT_OUT}); PNG beside it"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.out = results_path(args.out, DEFAULT_OUT, args.quick)
+    args = parse_bench_args(parser, argv)
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:

@@ -36,7 +36,6 @@ Writes ``benchmarks/results/sparse.json`` (``--out``) and prints a table last.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -61,13 +60,15 @@ from bench_attention import (  # noqa: E402
     _sdpa_baseline,
     _with_ratios,
     align,
-    results_path,
+    bench_parser,
+    parse_bench_args,
 )
 
 import vidaccel  # noqa: E402
 from vidaccel import AnnCAConfig, AnnSAConfig, AttentionCall, StepContext, ops  # noqa: E402
 from vidaccel.metrics import relative_error  # noqa: E402
 from vidaccel.processors import annsa  # noqa: E402
+from vidaccel.processors.base import dense_attention  # noqa: E402
 from vidaccel.state import context_of  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sparse.json"
@@ -84,13 +85,9 @@ TOP_P = 0.95  # the mass-routed row next to the top_k ones
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
+    parser = bench_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--e2e", action="store_true", help="also time one Wan-1.3B-shaped denoising step")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON results (default {DEFAULT_OUT})")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.out = results_path(args.out, DEFAULT_OUT, args.quick)
+    args = parse_bench_args(parser, argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:
         parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")
@@ -177,7 +174,7 @@ def simulate_run(q, k, v, config: AnnSAConfig, steps: int):
         context.step_index = step
         for _ in range(PASSES):
             out, _ = method.attend(
-                AttentionCall(attn, "self", q, k, v, context=context, backend="triton"), _attention
+                AttentionCall(attn, "self", q, k, v, context=context, backend="triton"), dense_attention
             )
     return out, context.module_state(attn)["annsa"]["plan"]
 
@@ -234,19 +231,6 @@ def _top_k_for_densities(q, k, base_config, targets):
     for top_k in range(1, max(1, round(base_config["n_clusters"] * max(targets) / 2)) + 1):
         densities[top_k] = annsa.build_plan(q, k, AnnSAConfig(top_k=top_k, **base_config)).density()
     return [min(densities, key=lambda top_k: abs(densities[top_k] - t)) for t in targets]
-
-
-def _attention(call):
-    return ops.attention(
-        call.q,
-        call.k,
-        call.v,
-        scale=call.scale,
-        key_bias=call.key_bias,
-        plan=call.plan,
-        return_lse=True,
-        backend=call.backend,
-    )
 
 
 def _sdpa_flash(q_t, k_t, v_t):

@@ -25,7 +25,6 @@ mean nothing. Writes ``benchmarks/results/window.json`` (``--out``) and prints a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -38,7 +37,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
-from bench_attention import Bench, _fmt, align, environment, results_path  # noqa: E402
+from bench_attention import Bench, _fmt, align, bench_parser, environment, parse_bench_args  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import vidaccel  # noqa: E402
@@ -59,13 +58,9 @@ STEP_QUICK = dict(num_layers=2, num_attention_heads=2, attention_head_dim=64, ff
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of every code path")
+    parser = bench_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--step", action="store_true", help="also time the Wan-1.3B-shaped refinement step")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON results (default {DEFAULT_OUT})")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.out = results_path(args.out, DEFAULT_OUT, args.quick)
+    args = parse_bench_args(parser, argv)
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:

@@ -10,7 +10,7 @@ from _tiny import run, tiny_pipe
 import vidaccel
 from vidaccel import AnnSAConfig, AnnSAProcessor, AttentionCall, StepContext
 from vidaccel.processors import annsa
-from vidaccel.processors.base import _dense
+from vidaccel.processors.base import dense_attention as _dense
 from vidaccel.state import LayerInfo
 
 pytestmark = pytest.mark.filterwarnings("ignore:vidaccel")

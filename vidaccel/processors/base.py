@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from vidaccel.cache import KVCache
     from vidaccel.pipelines.causal_wan import RolloutState
 
-__all__ = ["KINDS", "AccelProcessor", "AttentionCall", "DenseProcessor", "Method"]
+__all__ = ["KINDS", "AccelProcessor", "AttentionCall", "DenseProcessor", "Method", "dense_attention"]
 
 KINDS = ("self", "cross", "cross_image")
 """Attention call kinds: video self-attention, cross-attention to the prompt, and (I2V) to image tokens."""
@@ -285,7 +285,8 @@ def check_no_context_parallel(parallel_config, what: str) -> None:
         )
 
 
-def _dense(call: AttentionCall) -> AttentionResult:
+def dense_attention(call: AttentionCall) -> AttentionResult:
+    """The end of every method chain: ``call`` on :func:`vidaccel.ops.attention` with its bias and plan."""
     return ops.attention(
         call.q,
         call.k,
@@ -299,7 +300,7 @@ def _dense(call: AttentionCall) -> AttentionResult:
 
 
 def _chain(methods: list[Method]) -> Proceed:
-    proceed: Proceed = _dense
+    proceed: Proceed = dense_attention
     for method in reversed(methods):
         proceed = functools.partial(method.attend, proceed=proceed)
     return proceed
