@@ -10,7 +10,7 @@ import vidaccel
 from vidaccel import AnnCAConfig, AnnCAProcessor, AnnSAConfig, AttentionCall, StepContext
 from vidaccel.pipelines import tiny_prompt_embeds
 from vidaccel.processors import annca
-from vidaccel.processors.base import _dense
+from vidaccel.processors.base import dense_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore:vidaccel")
 TOL = 1e-5
@@ -49,7 +49,7 @@ def test_every_prompt_token_kept_equals_dense(ann_backend, granularity):
     ctx.grid, ctx.step_index = (3, 3, 5), 0
     method = AnnCAConfig(top_p=1.0, granularity=granularity, ann_backend=ann_backend, block_tokens=16).build()
     call = AttentionCall(attn, "cross", q, k, v, context=ctx, backend="triton")
-    out, lse = method.attend(call, _dense)
+    out, lse = method.attend(call, dense_attention)
     ref, ref_lse = masked_attention_fp64(q, k, v)
     assert rel_err(out, ref) <= TOL
     torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
@@ -64,7 +64,7 @@ def test_selection_attends_only_to_the_selected_tokens(ann_backend):
     selection = annca.select_prompt(q, reps, config, group_size=16)
     assert selection.index.shape == (1, 2, 2, 6)
     out, _ = annca.run_selection(
-        selection, reps, AttentionCall(None, "cross", q, k, v, backend="reference"), _dense
+        selection, reps, AttentionCall(None, "cross", q, k, v, backend="reference"), dense_attention
     )
     # Reference: dense attention over the representatives, masked to each group's selection.
     mask = torch.zeros(1, 2, 32, reps.k.shape[1], dtype=torch.bool)
@@ -95,7 +95,7 @@ def test_prompt_data_cached_once_per_prompt_and_selection_refreshed(monkeypatch)
             call = AttentionCall(
                 attn, "cross", q, k.clone(), v.clone(), context=ctx, backend="reference"
             )  # re-projected
-            method.attend(call, _dense)
+            method.attend(call, dense_attention)
     assert len(merges) == 2  # once per prompt
     assert len(selects) == 4  # per prompt, at steps 0 and 2
 
