@@ -1,14 +1,25 @@
 """vidaccel pipelines (imported as ``vidaccel.pipelines``).
 
 ``CausalWanPipeline`` (autoregressive rollout with a KV cache), ``FreeSwimWanPipeline`` (FreeSwim
-refinement above the training size) and the tiny from-config Wan pipelines of the tests and ``make demo``.
+refinement above the training size), ``WorldModelPipeline`` (the game world model of ``game.py``)
+and the tiny from-config Wan pipelines of the tests and ``make demo``.
 """
 
 from .causal_wan import CausalWanPipeline, RolloutState
 from .freeswim import FreeSwimWanPipeline, FreeSwimWanPipelineOutput
+from .game import ACTIONS, GameEnv, parse_actions, random_actions, scripted_actions
 from .tiny import build_tiny_wan_pipeline, tiny_prompt_embeds
+from .world_model import DEFAULT_WORLD_MODEL, WorldModelPipeline, world_model_config
 
 __all__ = [
+    "ACTIONS",
+    "DEFAULT_WORLD_MODEL",
+    "GameEnv",
+    "WorldModelPipeline",
+    "parse_actions",
+    "random_actions",
+    "scripted_actions",
+    "world_model_config",
     "CausalWanPipeline",
     "FreeSwimWanPipeline",
     "FreeSwimWanPipelineOutput",

@@ -56,10 +56,12 @@ from vidaccel.state import StepContext, attach_context
 
 __all__ = [
     "CausalWanPipeline",
+    "ChunkConditioning",
     "RolloutState",
     "decode_latent_chunk",
     "flow_sigmas",
     "rotary_emb_at",
+    "rotary_emb_frames",
 ]
 
 WAN_ROPE_THETA = 10000.0
@@ -98,6 +100,35 @@ class RolloutState:
         self.frame_offset = chunk_index * self.chunk_frames
         frames = torch.arange(self.frame_offset, self.frame_offset + self.chunk_frames, device=device)
         self.frame_index = frames.repeat_interleave(self.tokens_per_frame)
+
+
+class ChunkConditioning:
+    """Hooks of one rollout for models conditioned beyond the prompt (e.g. the world model's
+    actions): the model input of each chunk and the true frames committed before generation.
+
+    The default changes nothing (the input is the latents, no context). Subclasses override:
+
+    Attributes:
+        latent_channels: channels of the latents that are denoised (``None``: the transformer's
+            ``in_channels``); the model input may add conditioning channels to them.
+        context: clean latents ``[B, C, T0, h, w]`` committed into the KV cache (commit passes,
+            phase ``"commit"``, chunk indices ``0 .. T0 / chunk_frames - 1``) before the first
+            generated chunk, or ``None``. ``T0`` must be a multiple of ``chunk_frames``.
+    """
+
+    latent_channels: int | None = None
+    context: torch.Tensor | None = None
+
+    def model_input(self, latents: torch.Tensor, frame_offset: int) -> torch.Tensor:
+        """The transformer input of a chunk (denoising and commit passes): ``latents`` ``[B, C, f, h, w]``
+        of the frames ``frame_offset .. frame_offset + f - 1`` (absolute, context frames included) →
+        ``[B, in_channels, f, h, w]``."""
+        return latents
+
+    def chunk_done(self, clean: torch.Tensor, frame_offset: int) -> torch.Tensor:
+        """Called with each generated chunk's clean latents before it is committed and output; returns
+        the latents to commit and output (unchanged by default)."""
+        return clean
 
 
 class CausalWanPipeline(DiffusionPipeline):
@@ -217,16 +248,11 @@ class CausalWanPipeline(DiffusionPipeline):
         Returns ``WanPipelineOutput(frames=video)`` or ``(video,)``. Raises ``ValueError`` for a bad
         argument.
         """
-        chunks = list(
-            self._rollout(
-                prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
-                shift, context_timestep, max_cache_frames, sink_frames, generator, output_type,
-            )
+        chunks = self._rollout(
+            prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
+            shift, context_timestep, max_cache_frames, sink_frames, generator, output_type,
         )  # fmt: skip
-        video = torch.cat(chunks, dim=2)
-        if output_type != "latent":
-            video = self.video_processor.postprocess_video(video, output_type=output_type)
-        return WanPipelineOutput(frames=video) if return_dict else (video,)
+        return self._collected(chunks, output_type, return_dict)
 
     def stream(
         self,
@@ -256,6 +282,14 @@ class CausalWanPipeline(DiffusionPipeline):
             shift, context_timestep, max_cache_frames, sink_frames, generator, output_type,
         )  # fmt: skip
         return self._postprocessed(chunks, output_type, return_dict)
+
+    @torch.no_grad()
+    def _collected(self, chunks: Iterator[torch.Tensor], output_type: str, return_dict: bool):
+        """The whole video of a rollout's chunks, in the layout of ``output_type``."""
+        video = torch.cat(list(chunks), dim=2)
+        if output_type != "latent":
+            video = self.video_processor.postprocess_video(video, output_type=output_type)
+        return WanPipelineOutput(frames=video) if return_dict else (video,)
 
     @torch.no_grad()
     def _postprocessed(self, chunks: Iterator[torch.Tensor], output_type: str, return_dict: bool):
@@ -304,17 +338,28 @@ class CausalWanPipeline(DiffusionPipeline):
         sink_frames,
         generator,
         output_type,
+        conditioning: ChunkConditioning | None = None,
     ) -> Iterator[torch.Tensor]:
         """Check the arguments now, and return the generator of the chunks: latents ``[B, C, f, h, w]``
-        for ``output_type="latent"``, else decoded frames ``[B, 3, f, H, W]`` in ``[-1, 1]``."""
+        for ``output_type="latent"``, else decoded frames ``[B, 3, f, H, W]`` in ``[-1, 1]``.
+        ``conditioning`` (subclasses' hook) sets the model input and the context frames."""
         context = self._step_context()
         geometry = self._check_inputs(
             prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
             shift, context_timestep, max_cache_frames, sink_frames, output_type,
         )  # fmt: skip
+        conditioning = conditioning or ChunkConditioning()
+        latent_frames, (channels, *chunk_shape), tokens_per_frame = geometry
+        if conditioning.latent_channels is not None:
+            channels = conditioning.latent_channels
+        if conditioning.context is not None and conditioning.context.shape[2] % chunk_frames:
+            raise ValueError(
+                f"the context frames must be a multiple of chunk_frames = {chunk_frames}, got {conditioning.context.shape[2]}"
+            )
+        geometry = (latent_frames, (channels, *chunk_shape), tokens_per_frame)
         return self._generate(
             context, geometry, prompt, prompt_embeds, chunk_frames, flow_sigmas(denoising_timesteps, shift),
-            context_timestep, max_cache_frames, sink_frames, generator, output_type,
+            context_timestep, max_cache_frames, sink_frames, generator, output_type, conditioning,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -331,6 +376,7 @@ class CausalWanPipeline(DiffusionPipeline):
         sink_frames: int,
         generator,
         output_type: str,
+        conditioning: ChunkConditioning,
     ) -> Iterator[torch.Tensor]:
         """The rollout; releases every cache when it ends or is closed."""
         device = self._execution_device
@@ -341,7 +387,9 @@ class CausalWanPipeline(DiffusionPipeline):
         batch = prompt_embeds.shape[0]
 
         latent_frames, chunk_shape, tokens_per_frame = geometry
-        num_chunks = math.ceil(latent_frames / chunk_frames)
+        prefill = conditioning.context
+        context_chunks = 0 if prefill is None else prefill.shape[2] // chunk_frames
+        num_chunks = context_chunks + math.ceil(latent_frames / chunk_frames)
         chunk_shape = (batch, *chunk_shape)
         context.reset()
         rollout = RolloutState(
@@ -362,13 +410,21 @@ class CausalWanPipeline(DiffusionPipeline):
 
         def forward(latents: torch.Tensor, sigma: float) -> torch.Tensor:
             timestep = torch.full((batch,), 1000.0 * sigma, device=device)
-            return self.transformer(
-                latents.to(transformer_dtype), timestep, prompt_embeds, return_dict=False
-            )[0]
+            inputs = conditioning.model_input(latents, rollout.frame_offset)
+            return self.transformer(inputs.to(transformer_dtype), timestep, prompt_embeds, return_dict=False)[
+                0
+            ]
 
         try:
-            with self.progress_bar(total=num_chunks) as progress_bar:
-                for chunk in range(num_chunks):
+            for chunk in range(context_chunks):
+                rollout.enter_chunk(chunk, device)
+                context.chunk_index, context.phase, context.chunk_step = chunk, "commit", None
+                frames = prefill[:, :, chunk * chunk_frames : (chunk + 1) * chunk_frames].to(
+                    device, torch.float32
+                )
+                forward(self._context_latents(frames, context_timestep, generator), context_timestep / 1000)
+            with self.progress_bar(total=num_chunks - context_chunks) as progress_bar:
+                for chunk in range(context_chunks, num_chunks):
                     rollout.enter_chunk(chunk, device)
                     context.chunk_index, context.phase = chunk, "denoise"
                     latents = randn_tensor(
@@ -382,12 +438,13 @@ class CausalWanPipeline(DiffusionPipeline):
                                 chunk_shape, generator=generator, device=device, dtype=torch.float32
                             )
                             latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
+                    clean = conditioning.chunk_done(clean, rollout.frame_offset)
                     if chunk + 1 < num_chunks:
                         context.phase, context.chunk_step = "commit", None
                         forward(
                             self._context_latents(clean, context_timestep, generator), context_timestep / 1000
                         )
-                    kept = clean[:, :, : latent_frames - chunk * chunk_frames]
+                    kept = clean[:, :, : latent_frames - (chunk - context_chunks) * chunk_frames]
                     if output_type == "latent":
                         yield kept
                     else:
@@ -541,26 +598,44 @@ def rotary_emb_at(rope: WanRotaryPosEmbed, latent_shape: Sequence[int], frame_of
     ``rope``'s table for a sequence that long.
     """
     p_t, p_h, p_w = rope.patch_size
-    frames, height, width = latent_shape[0] // p_t, latent_shape[1] // p_h, latent_shape[2] // p_w
+    frames = latent_shape[0] // p_t
     positions = torch.arange(frame_offset // p_t, frame_offset // p_t + frames, device=rope.freqs_cos.device)
+    return rotary_emb_frames(rope, positions, latent_shape[1] // p_h, latent_shape[2] // p_w)
+
+
+def rotary_emb_frames(rope: WanRotaryPosEmbed, frame_positions: torch.Tensor, height: int, width: int):
+    """Wan's rotary table for token frames at arbitrary temporal positions (e.g. a training clip
+    whose frames are not consecutive, a different layout per clip).
+
+    Args:
+        rope: the transformer's ``WanRotaryPosEmbed``.
+        frame_positions: long ``[F]`` or ``[B, F]``: the temporal rotary position of each token frame.
+        height, width: the token grid of one frame (after patchifying).
+
+    Returns ``(freqs_cos, freqs_sin)``, each ``[1 | B, F * height * width, 1, D]`` (raster order);
+    with consecutive positions equal to :func:`rotary_emb_at`.
+    """
+    positions = frame_positions.reshape(-1, frame_positions.shape[-1])
+    batch, frames = positions.shape
     t_cos, t_sin = get_1d_rotary_pos_embed(
         rope.t_dim,
-        positions,
+        positions.flatten().to(rope.freqs_cos.device),
         WAN_ROPE_THETA,
         use_real=True,
         repeat_interleave_real=True,
         freqs_dtype=torch.float64,
     )
     split = [rope.t_dim, rope.h_dim, rope.w_dim]
+    shape = (batch, frames, height, width, -1)
     tables = []
     for table, t_part in ((rope.freqs_cos, t_cos), (rope.freqs_sin, t_sin)):
         _, h_part, w_part = table.split(split, dim=1)
         parts = (
-            t_part.to(table.dtype).view(frames, 1, 1, -1).expand(frames, height, width, -1),
-            h_part[:height].view(1, height, 1, -1).expand(frames, height, width, -1),
-            w_part[:width].view(1, 1, width, -1).expand(frames, height, width, -1),
+            t_part.to(table.dtype).view(batch, frames, 1, 1, -1).expand(shape),
+            h_part[:height].view(1, 1, height, 1, -1).expand(shape),
+            w_part[:width].view(1, 1, 1, width, -1).expand(shape),
         )
-        tables.append(torch.cat(parts, dim=-1).reshape(1, frames * height * width, 1, -1))
+        tables.append(torch.cat(parts, dim=-1).reshape(batch, frames * height * width, 1, -1))
     return tuple(tables)
 
 

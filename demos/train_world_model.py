@@ -1,0 +1,481 @@
+"""Train the game world model: a pixel-space causal Wan (``WanTransformer3DModel``) on the procedural
+game of ``vidaccel.pipelines.game``, by diffusion forcing with block-causal attention.
+
+    python demos/train_world_model.py --toy                       # CPU, < 2 min: the recipe, loss falls
+    python -u demos/train_world_model.py --out $OUT/world_model   # GPU: one command, ~8 min
+
+**Model.** ``world_model_config()``: 64x64 RGB frames in ``[-1, 1]`` plus one-hot action planes
+(frame t carries the action that produced it, so a frame sees actions up to its own), patch 1x4x4
+(256 tokens a frame), out 3 channels; the cross-attention input is the level's fixed token sequence.
+
+**Objective.** Flow matching as ``CausalWanPipeline`` samples it: ``x_s = (1 - s) x0 + s eps``, the
+model predicts ``eps - x0`` at timestep ``1000 s``. Diffusion forcing: every chunk (``chunk_frames``
+frames) of a clip has its own sigma (per-token timesteps) and attends to its own and earlier chunks
+only (SDPA with a block-causal mask, a training-only attention processor). Each clip starts with a
+clean prefix of random length (the true context a rollout starts from; no loss there), and later
+chunks are sometimes clean too, so a noisy chunk sees clean and noisy pasts. Half the sigmas are
+drawn from the few-step samplers' sigmas, half from a shifted uniform.
+
+**Long rollouts.** Rotary attention depends only on relative positions, and a rollout's KV cache
+holds frames far older than a clip is long. A quarter of the clips therefore begin with clean frames
+from far earlier in the same episode (8 to a few hundred frames back, at their true positions), so
+attention meets large relative distances in training and learns to discount them; every clip also
+gets a random absolute position offset (rotary angles as large as a 1,000-frame rollout's).
+
+**Output** (``--out``): ``config.json`` + ``diffusion_pytorch_model.safetensors`` (bf16),
+``world_model.json`` (actions, frame size, chunk/context frames, the chosen sampler, level tokens,
+the training record and the evaluation) and ``loss_curve.json``. The evaluation rolls the model out
+densely from true context frames with the true actions on held-out worlds and compares the mean
+PSNR of the first predicted frames with copying the last context frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from safetensors.torch import save_file
+
+from vidaccel.metrics import psnr
+from vidaccel.pipelines.causal_wan import flow_sigmas, rotary_emb_frames
+from vidaccel.pipelines.game import ACTIONS, FRAME_SIZE, LEVELS, GameEnv, random_actions, scripted_actions
+from vidaccel.pipelines.world_model import LEVEL_TOKENS, level_embeddings, world_model_config
+from vidaccel.processors import WanAdapter
+
+CHUNK_FRAMES = 1  # one frame per chunk: strict action causality and per-frame control
+CONTEXT_FRAMES = 4  # true frames a rollout starts from
+SAMPLERS = (  # (denoising timesteps, shift) candidates; the evaluation picks the default
+    ((1000, 750, 500, 250), 3.0),
+    ((1000, 750, 500, 250), 1.0),
+    ((1000, 500), 3.0),
+)
+TOY_CONFIG = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2)
+MAX_WEIGHT_BYTES = 15_000_000
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.toy else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    frames, actions, levels = make_episodes(args.episodes, args.episode_frames, args.workers, seed_base=0)
+    eval_length = CONTEXT_FRAMES + args.eval_frames
+    eval_frames, eval_actions, eval_levels = make_episodes(
+        args.eval_episodes, eval_length, args.workers, seed_base=1_000_000
+    )
+    print(
+        f"data: {args.episodes} episodes x {args.episode_frames} frames (+{args.eval_episodes} held out) "
+        f"in {time.perf_counter() - start:.1f}s",
+        flush=True,
+    )
+    data = Data(frames, actions, levels, device)
+
+    config = world_model_config() | (TOY_CONFIG if args.toy else {})
+    model = WanTransformer3DModel.from_config(config).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {num_params / 1e6:.2f}M parameters ({2 * num_params / 1e6:.1f} MB in bf16)", flush=True)
+    if 2 * num_params > MAX_WEIGHT_BYTES:
+        raise ValueError(f"{num_params} parameters exceed {MAX_WEIGHT_BYTES} bytes in bf16")
+    ema = copy.deepcopy(model).requires_grad_(False)
+    trainer = Trainer(device)
+    trainer.install(model)
+    trainer.install(ema)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    budget = args.minutes * 60
+    train_start = time.perf_counter()
+    curve, window, step = [], [], 0
+    generator = torch.Generator(device).manual_seed(args.seed)
+    while (elapsed := time.perf_counter() - train_start) < budget:
+        progress = elapsed / budget
+        lr = (
+            args.lr
+            * min(1.0, (step + 1) / args.warmup)
+            * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = data.sample(args.batch, args.clip_frames, generator, far_frames=args.far_frames)
+        loss = trainer.loss(model, batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        step += 1
+        window.append(loss.detach())
+        if step % args.log_every == 0:
+            mean = float(torch.stack(window).mean())
+            window.clear()
+            curve.append(
+                {"step": step, "loss": mean, "lr": lr, "seconds": round(time.perf_counter() - train_start, 2)}
+            )
+            print(
+                f"step {step:5d}  loss {mean:.4f}  lr {lr:.2e}  {(time.perf_counter() - train_start) / step:.3f}s/step",
+                flush=True,
+            )
+    train_seconds = time.perf_counter() - train_start
+    final_loss = float(np.mean([point["loss"] for point in curve[-5:]])) if curve else float("nan")
+    print(f"trained {step} steps in {train_seconds:.0f}s, final loss {final_loss:.4f}", flush=True)
+
+    held_out = Data(eval_frames, eval_actions, eval_levels, device)
+    val_batch = held_out.sample(
+        min(args.batch, 16),
+        min(args.clip_frames, eval_length),
+        torch.Generator(device).manual_seed(1),
+        far_frames=0,
+    )
+    val = {name: trainer.validation_loss(net, val_batch) for name, net in (("raw", model), ("ema", ema))}
+    chosen = min(val, key=val.get)
+    best = ema if chosen == "ema" else model
+    print(f"validation loss raw {val['raw']:.4f} ema {val['ema']:.4f} -> {chosen}", flush=True)
+
+    evaluation = evaluate(trainer, best, held_out, args.eval_frames, SAMPLERS[:1] if args.toy else SAMPLERS)
+    timesteps, shift = evaluation["chosen"]["denoising_timesteps"], evaluation["chosen"]["shift"]
+
+    best.save_config(out)
+    weights = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in best.state_dict().items()}
+    save_file(weights, out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    weight_bytes = (out / "diffusion_pytorch_model.safetensors").stat().st_size
+    metadata = {
+        "actions": list(ACTIONS),
+        "frame_size": FRAME_SIZE,
+        "chunk_frames": CHUNK_FRAMES,
+        "context_frames": CONTEXT_FRAMES,
+        "denoising_timesteps": list(timesteps),
+        "shift": shift,
+        "levels": list(LEVELS),
+        "level_tokens": LEVEL_TOKENS | {"embeddings": level_embeddings(**LEVEL_TOKENS).tolist()},
+        "training": {
+            "command": " ".join(["python", *sys.argv]),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "steps": step,
+            "seconds": round(train_seconds, 1),
+            "total_seconds": round(time.perf_counter() - start, 1),
+            "final_loss": final_loss,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "parameters": num_params,
+            "weights_bytes": weight_bytes,
+            "weights": chosen,
+            "validation_loss": val,
+            "batch_clips": args.batch,
+            "clip_frames": args.clip_frames,
+            "far_context_frames": args.far_frames,
+            "lr": args.lr,
+            "ema": args.ema,
+            "episodes": args.episodes,
+            "episode_frames": args.episode_frames,
+            "toy": args.toy,
+        },
+        "evaluation": evaluation,
+    }
+    (out / "world_model.json").write_text(json.dumps(metadata, indent=1))
+    (out / "loss_curve.json").write_text(json.dumps(curve))
+    print(f"wrote {out} ({weight_bytes / 1e6:.1f} MB weights) in {time.perf_counter() - start:.0f}s total")
+    if weight_bytes > MAX_WEIGHT_BYTES:
+        raise ValueError(f"weights are {weight_bytes} bytes, above {MAX_WEIGHT_BYTES}")
+    print(f"\nsampler                         PSNR dB (first {args.eval_frames} frames)")
+    for row in evaluation["samplers"]:
+        print(f"{str(row['denoising_timesteps']):24s} s={row['shift']:<4}  {row['psnr']:.2f}")
+    print(f"copy last context frame          {evaluation['psnr_copy_last_context']:.2f}")
+    print(f"copy previous true frame         {evaluation['psnr_copy_previous_true']:.2f}  (uses the truth)")
+    print(f"margin over copy-last: {evaluation['margin_db']:+.2f} dB (bar: >= 2 dB)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="world_model_out", help="output folder")
+    parser.add_argument("--toy", action="store_true", help="CPU proof of the recipe (< 2 min)")
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="training time budget (default 6.3, toy 0.75)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="clips per step (default 32, toy 4)")
+    parser.add_argument("--clip-frames", type=int, default=None, help="frames per clip (default 16, toy 8)")
+    parser.add_argument("--far-frames", type=int, default=None, help="far-context frames (default 4, toy 2)")
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 100, toy 5)")
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--episodes", type=int, default=None, help="training episodes (default 256, toy 8)")
+    parser.add_argument(
+        "--episode-frames", type=int, default=None, help="frames per episode (default 768, toy 64)"
+    )
+    parser.add_argument(
+        "--eval-episodes", type=int, default=None, help="held-out episodes (default 16, toy 2)"
+    )
+    parser.add_argument(
+        "--eval-frames", type=int, default=None, help="predicted frames evaluated (default 32, toy 4)"
+    )
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="data generation processes")
+    parser.add_argument(
+        "--log-every", type=int, default=None, help="steps per logged loss (default 25, toy 10)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    defaults = dict(
+        minutes=(0.6, 6.3), batch=(2, 32), clip_frames=(6, 16), far_frames=(2, 4), episodes=(8, 256),
+        episode_frames=(64, 768), eval_episodes=(1, 16), eval_frames=(3, 32), log_every=(2, 25), warmup=(5, 100),
+    )  # fmt: skip
+    for name, (toy, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, toy if args.toy else full)
+    if args.clip_frames <= args.far_frames + 2:
+        raise ValueError(
+            f"--clip-frames must exceed --far-frames + 2 = {args.far_frames + 2}, got {args.clip_frames}"
+        )
+    return args
+
+
+def make_episodes(count: int, length: int, workers: int, seed_base: int):
+    """``count`` episodes of ``length`` frames: uint8 ``[count, length, 64, 64, 3]``, action ids
+    ``[count, length]`` (frame 0 is the reset frame, action noop) and level ids ``[count]``. Every
+    fifth episode follows the scripted tour from a seed-dependent point, the rest random walks."""
+    jobs = [(seed_base + i, i % len(LEVELS), length) for i in range(count)]
+    with multiprocessing.get_context("fork").Pool(max(1, min(workers, count))) as pool:
+        episodes = pool.map(_episode, jobs, chunksize=max(1, count // (4 * max(1, workers))))
+    frames = np.stack([frames for frames, _ in episodes])
+    actions = np.stack([actions for _, actions in episodes])
+    return frames, actions, np.array([level for _, level, _ in jobs])
+
+
+def _episode(job) -> tuple[np.ndarray, np.ndarray]:
+    seed, level, length = job
+    if seed % 5 == 4:
+        offset = seed % 97
+        actions = scripted_actions(length - 1 + offset)[offset:]
+    else:
+        actions = random_actions(length - 1, seed=seed)
+    env = GameEnv(seed, level=level)
+    frames = np.concatenate([env.reset()[None], env.rollout(actions)])
+    return frames, np.array([0, *actions], dtype=np.int64)
+
+
+class Data:
+    """Episodes on the device and the clip sampler."""
+
+    def __init__(self, frames: np.ndarray, actions: np.ndarray, levels: np.ndarray, device: torch.device):
+        self.frames = torch.from_numpy(frames).to(device)  # uint8 [E, L, 64, 64, 3]
+        self.actions = torch.from_numpy(actions).to(device)  # [E, L]
+        self.levels = torch.from_numpy(levels).to(device)  # [E]
+        self.device = device
+
+    def sample(self, batch: int, clip_frames: int, generator: torch.Generator, *, far_frames: int) -> dict:
+        """``batch`` clips of ``clip_frames`` frames: ``{"x0" [B, 3, F, 64, 64] in [-1, 1], "actions"
+        [B, F], "positions" [B, F], "levels" [B], "clean" [B, F] bool (the clean prefix)}``.
+
+        A quarter of the clips (when ``far_frames`` > 0 and the episodes are long enough) start with
+        ``far_frames`` frames from 8+ frames before the rest. Each clip's clean prefix covers the far
+        frames and 1 to half of the remaining frames."""
+        episodes, length = self.actions.shape
+
+        def randint(high, size=(batch,)):
+            return (torch.rand(size, generator=generator, device=self.device) * high).long()
+
+        episode = randint(episodes)
+        steps = torch.arange(clip_frames, device=self.device)
+        start = randint(length - clip_frames + 1)
+        index = start[:, None] + steps
+        recent = clip_frames - far_frames
+        min_gap = 8
+        prefix = 1 + randint(clip_frames // 2)
+        if far_frames and length >= recent + far_frames + min_gap:
+            far = torch.rand(batch, generator=generator, device=self.device) < 0.25
+            recent_start = far_frames + min_gap + randint(length - recent - far_frames - min_gap + 1)
+            far_start = (
+                torch.rand(batch, generator=generator, device=self.device)
+                * (recent_start - far_frames - min_gap + 1)
+            ).long()
+            far_index = torch.where(
+                steps < far_frames, far_start[:, None] + steps, recent_start[:, None] + steps - far_frames
+            )
+            index = torch.where(far[:, None], far_index, index)
+            prefix = torch.where(far, far_frames + 1 + randint(recent // 2), prefix)
+        frames = self.frames[episode[:, None], index]  # [B, F, 64, 64, 3]
+        x0 = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        offset = randint(1024)
+        return {
+            "x0": x0,
+            "actions": self.actions[episode[:, None], index],
+            "positions": index + offset[:, None],
+            "levels": self.levels[episode],
+            "clean": steps[None, :] < prefix[:, None],
+        }
+
+
+class BlockCausalTrainingProcessor:
+    """Training-only attention: the stock Wan q/k/v (vidaccel's adapter) and differentiable torch
+    SDPA, self-attention masked block-causally (``mask`` ``[S, S]`` bool, set per clip length)."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return WanAdapter().forward(
+            attn, hidden_states, encoder_hidden_states, None, rotary_emb, self._attend
+        )
+
+    def _attend(self, kind, q, k, v, attention_mask=None, k_pre=None):
+        mask = self.mask if kind == "self" else None
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
+        return out.transpose(1, 2)
+
+
+class Trainer:
+    """The model's input (frames + action planes), per-token timesteps, rotary positions and mask,
+    the diffusion-forcing loss and the dense evaluation rollout."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.processor = BlockCausalTrainingProcessor()
+        self.rotary = None
+        self.level_tokens = level_embeddings(**LEVEL_TOKENS).to(device)
+        sigmas = sorted({s for timesteps, shift in SAMPLERS for s in flow_sigmas(timesteps, shift)})
+        self.sampler_sigmas = torch.tensor(sigmas, device=device)
+
+    def install(self, model: WanTransformer3DModel) -> None:
+        """Route ``model``'s attention and rotary positions through this trainer."""
+        model.set_attn_processor(self.processor)
+        model.rope.register_forward_hook(lambda module, args, output: self.rotary)
+
+    def forward(self, model, noisy, actions, sigma, positions, levels) -> torch.Tensor:
+        """``noisy`` ``[B, 3, F, 64, 64]``, ``actions``/``sigma``/``positions`` ``[B, F]`` → the flow
+        prediction ``[B, 3, F, 64, 64]`` (fp32)."""
+        batch, _, frames, height, width = noisy.shape
+        _, p_h, p_w = model.config.patch_size
+        tokens = (height // p_h) * (width // p_w)
+        planes = F.one_hot(actions, len(ACTIONS)).to(noisy.dtype).permute(0, 2, 1)[..., None, None]
+        inputs = torch.cat([noisy, planes.expand(-1, -1, -1, height, width)], dim=1)
+        timestep = (1000 * sigma).repeat_interleave(tokens, dim=1)
+        chunk = torch.arange(frames * tokens, device=self.device) // (tokens * CHUNK_FRAMES)
+        self.processor.mask = chunk[None, :] <= chunk[:, None]
+        self.rotary = rotary_emb_frames(model.rope, positions, height // p_h, width // p_w)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = model(inputs, timestep, self.level_tokens[levels], return_dict=False)[0]
+        return out.float()
+
+    def sigmas(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Per-frame sigma ``[B, F]`` (one per chunk of ``CHUNK_FRAMES``): 0 on the clean prefix and on a
+        fifth of the later chunks, else half from the samplers' sigmas, half shifted-uniform."""
+        batch_size, frames = batch["actions"].shape
+        chunks = math.ceil(frames / CHUNK_FRAMES)
+
+        def rand():
+            return torch.rand(batch_size, chunks, generator=generator, device=self.device)
+
+        uniform = rand()
+        shifted = 3 * uniform / (1 + 2 * uniform)
+        picked = self.sampler_sigmas[(rand() * len(self.sampler_sigmas)).long()]
+        sigma = torch.where(rand() < 0.5, picked, shifted).clamp(min=0.02)
+        sigma = torch.where(rand() < 0.2, 0.0, sigma)
+        sigma = sigma.repeat_interleave(CHUNK_FRAMES, dim=1)[:, :frames]
+        return torch.where(batch["clean"], 0.0, sigma)
+
+    def loss(self, model, batch: dict, generator: torch.Generator, sigma: torch.Tensor | None = None):
+        """Mean squared error of the flow prediction ``eps - x0`` over the noisy chunks."""
+        x0 = batch["x0"]
+        if sigma is None:
+            sigma = self.sigmas(batch, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        s = sigma[:, None, :, None, None]
+        prediction = self.forward(
+            model, (1 - s) * x0 + s * noise, batch["actions"], sigma, batch["positions"], batch["levels"]
+        )
+        per_frame = ((prediction - (noise - x0)) ** 2).mean(dim=(1, 3, 4))
+        weight = (sigma > 0).float()
+        return (per_frame * weight).sum() / weight.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def validation_loss(self, model, batch: dict) -> float:
+        generator = torch.Generator(self.device).manual_seed(2)
+        sigma = self.sigmas(batch, generator)
+        return float(self.loss(model, batch, generator, sigma))
+
+    @torch.no_grad()
+    def rollout(self, model, data: Data, context: int, frames: int, timesteps, shift: float, seed: int = 0):
+        """Dense rollout of every held-out episode from its first ``context`` true frames with the true
+        actions: uint8 ``[E, frames, 64, 64, 3]``. Each step re-runs the whole sequence (earlier frames
+        clean at timestep 0, the new chunk noisy), which equals the KV-cached rollout."""
+        generator = torch.Generator(self.device).manual_seed(seed)
+        sigmas = flow_sigmas(timesteps, shift)
+        video = data.frames[:, :context].permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        episodes = video.shape[0]
+        for t in range(context, context + frames, CHUNK_FRAMES):
+            length = t + CHUNK_FRAMES
+            positions = torch.arange(length, device=self.device).expand(episodes, -1)
+            actions = data.actions[:, :length]
+            shape = (episodes, 3, CHUNK_FRAMES, *video.shape[-2:])
+            latents = torch.randn(shape, generator=generator, device=self.device)
+            for step, sigma in enumerate(sigmas):
+                sigma_frames = torch.zeros(episodes, length, device=self.device)
+                sigma_frames[:, t:] = sigma
+                flow = self.forward(
+                    model, torch.cat([video, latents], 2), actions, sigma_frames, positions, data.levels
+                )
+                clean = latents - sigma * flow[:, :, t:]
+                if step + 1 < len(sigmas):
+                    noise = torch.randn(shape, generator=generator, device=self.device)
+                    latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
+            video = torch.cat([video, clean.clamp(-1, 1)], 2)
+        predicted = video[:, :, context : context + frames].permute(0, 2, 3, 4, 1)
+        return ((predicted + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def evaluate(trainer: Trainer, model, data: Data, frames: int, samplers) -> dict:
+    """Mean PSNR over the first ``frames`` predicted frames (per frame index pooled over the held-out
+    episodes, then averaged) for each sampler, against copying the last context frame (and, for
+    reference, copying the previous true frame, which needs the truth)."""
+    truth = data.frames[:, CONTEXT_FRAMES : CONTEXT_FRAMES + frames].cpu().numpy()
+    last = data.frames[:, CONTEXT_FRAMES - 1 : CONTEXT_FRAMES].cpu().numpy()
+    previous = data.frames[:, CONTEXT_FRAMES - 1 : CONTEXT_FRAMES - 1 + frames].cpu().numpy()
+
+    def mean_psnr(video):
+        return float(
+            np.mean([psnr(video[:, min(i, video.shape[1] - 1)], truth[:, i]) for i in range(frames)])
+        )
+
+    rows = []
+    for timesteps, shift in samplers:
+        started = time.perf_counter()
+        video = trainer.rollout(model, data, CONTEXT_FRAMES, frames, timesteps, shift)
+        per_frame = [psnr(video[:, i], truth[:, i]) for i in range(frames)]
+        rows.append({
+            "denoising_timesteps": list(timesteps), "shift": shift, "psnr": float(np.mean(per_frame)),
+            "psnr_per_frame": [round(float(p), 3) for p in per_frame], "seconds": round(time.perf_counter() - started, 1),
+        })  # fmt: skip
+        print(f"eval {timesteps} shift {shift}: PSNR {rows[-1]['psnr']:.2f} dB", flush=True)
+    chosen = max(rows, key=lambda row: row["psnr"])
+    copy_last = mean_psnr(last)
+    return {
+        "episodes": int(truth.shape[0]),
+        "context_frames": CONTEXT_FRAMES,
+        "predicted_frames": frames,
+        "psnr": "dB per predicted frame index, pooled over the held-out episodes, averaged over the frames",
+        "samplers": rows,
+        "chosen": {"denoising_timesteps": chosen["denoising_timesteps"], "shift": chosen["shift"]},
+        "psnr_model": chosen["psnr"],
+        "psnr_copy_last_context": copy_last,
+        "psnr_copy_previous_true": mean_psnr(previous),
+        "margin_db": chosen["psnr"] - copy_last,
+    }
+
+
+if __name__ == "__main__":
+    main()
