@@ -8,10 +8,11 @@
 
 from . import metrics, ops
 from .api import apply, remove
-from .config import AnnCAConfig, AnnSAConfig, FreeSwimConfig, MethodConfig, TempCacheConfig
+from .config import AnnCAConfig, AnnSAConfig, FlashBlockConfig, FreeSwimConfig, MethodConfig, TempCacheConfig
 from .processors import AccelProcessor, AttentionCall, DenseProcessor, Method
 from .processors.annca import AnnCAProcessor
 from .processors.annsa import AnnSAProcessor
+from .processors.flashblock import FlashBlockProcessor
 from .processors.freeswim import FreeSwimProcessor
 from .processors.tempcache import TempCacheProcessor
 from .state import LayerInfo, StepContext
@@ -24,6 +25,8 @@ __all__ = [
     "AnnSAProcessor",
     "AttentionCall",
     "DenseProcessor",
+    "FlashBlockConfig",
+    "FlashBlockProcessor",
     "FreeSwimConfig",
     "FreeSwimProcessor",
     "LayerInfo",

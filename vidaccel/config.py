@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vidaccel.processors.base import Method
 
-__all__ = ["AnnCAConfig", "AnnSAConfig", "FreeSwimConfig", "MethodConfig", "TempCacheConfig"]
+__all__ = [
+    "AnnCAConfig",
+    "AnnSAConfig",
+    "FlashBlockConfig",
+    "FreeSwimConfig",
+    "MethodConfig",
+    "TempCacheConfig",
+]
 
 
 @dataclass
@@ -382,3 +389,51 @@ class TempCacheConfig(MethodConfig):
         from vidaccel.processors.tempcache import TempCache
 
         return TempCache(self)
+
+
+@dataclass
+class FlashBlockConfig(MethodConfig):
+    """FlashBlock: reuse of the block-external attention across a chunk's denoising steps
+    (shared/METHODS.md, FlashBlock), for autoregressive rollouts (``CausalWanPipeline``).
+
+    While a chunk is denoised, each self-attention call attends to the KV cache of earlier chunks
+    (external: fixed until the chunk is committed) and to the chunk itself (internal: new every
+    step). At a refresh step the external part is computed and its output and LSE are kept per
+    layer; at the other steps only the internal part is computed and merged with the kept one by
+    the exact split-KV identity. The commit pass runs plain attention and drops the kept state.
+
+    Meaning:
+        refresh_every: the external part is recomputed at the chunk steps where
+            ``chunk_step % refresh_every == 0`` (>= 1; the first step of every chunk always
+            refreshes). 1 recomputes it every step (exact dense cached attention); the default 2
+            computes it at 2 of Self-Forcing's 4 steps.
+    Performance:
+        offload: keep the kept external outputs in (pinned) CPU memory between steps instead of on
+            the GPU (copied back at every non-refresh step; worth it only when memory is tight).
+
+    Composition: with TempCache the external part is the merged cache with its ``log(count)`` bias.
+    With AnnSA (``vidaccel.apply(pipe, FlashBlockConfig(), AnnSAConfig(...))``) it becomes residual
+    reuse: at a refresh step AnnSA's routing of the cache part is built and frozen; the routed cache
+    blocks are recomputed every step with fresh queries, the unrouted remainder is computed once,
+    kept with its LSE and merged in (the chunk's own keys go through AnnSA as usual). FlashBlock runs
+    before AnnSA whatever the order of the configs.
+
+    Memory: the kept external output costs ``B x chunk tokens x H x Dv`` in the model's dtype (bf16)
+    plus an fp32 LSE ``B x H x chunk tokens`` per self-attention layer and pass (CFG pass). Wan2.1-1.3B
+    with 3-frame chunks (4,680 tokens, 12 heads x 128, 30 layers): 13.7 MiB + 0.2 MiB per layer,
+    0.41 GiB in all per batch entry; released at every commit. Residual reuse keeps the remainder
+    instead (the same size) plus the frozen routing plan of the cache part.
+    """
+
+    refresh_every: int = 2
+    offload: bool = False
+
+    def __post_init__(self):
+        self.check_range("refresh_every", low=1, integer=True)
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"{type(self).__name__}.offload must be a bool, got {self.offload!r}")
+
+    def build(self) -> Method:
+        from vidaccel.processors.flashblock import FlashBlock
+
+        return FlashBlock(self)

@@ -5,6 +5,7 @@ planner per method."""
 from .annca import AnnCA, AnnCAProcessor
 from .annsa import AnnSA, AnnSAProcessor
 from .base import KINDS, AccelProcessor, AttentionCall, DenseProcessor, Method
+from .flashblock import FlashBlock, FlashBlockProcessor
 from .freeswim import FreeSwimBatch, FreeSwimMethod, FreeSwimProcessor
 from .registry import ADAPTERS, adapter_for_attention, adapter_for_model
 from .tempcache import TempCache, TempCacheProcessor
@@ -20,6 +21,8 @@ __all__ = [
     "AnnSAProcessor",
     "AttentionCall",
     "DenseProcessor",
+    "FlashBlock",
+    "FlashBlockProcessor",
     "FreeSwimBatch",
     "FreeSwimMethod",
     "FreeSwimProcessor",

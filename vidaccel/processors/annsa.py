@@ -191,7 +191,8 @@ def run_plan(plan: AnnSAPlan, call: AttentionCall, proceed: Proceed) -> Attentio
         v=take_rows(call.v, plan.k_rows),
         key_bias=bias,
         plan=plan.blocks,
-        num_external=0,  # cache and own keys are interleaved now
+        # Cache and own keys are interleaved now, unless every key is a cache key (FlashBlock's cache part).
+        num_external=seq_k if call.num_external == seq_k else 0,
     )
     out, lse = proceed(permuted)
     return take_rows(out, plan.q_inverse_rows), torch.gather(lse, 2, plan.q_inverse)
@@ -266,20 +267,21 @@ class AnnSA(Method):
 
     def attend(self, call: AttentionCall, proceed: Proceed) -> AttentionResult:
         if call.plan is not None:
-            warn_once(
-                self._warned,
-                "AnnSA: the call already has a block-sparse plan from an earlier method in the chain; "
-                "AnnSA leaves it unchanged (put AnnSA first to route it)",
-            )
+            # A planned call of cache keys only is FlashBlock's residual reuse, routed with this
+            # method's config (FlashBlock.bind); any other plan comes from a method that AnnSA follows.
+            if call.num_external != call.k.shape[1]:
+                warn_once(
+                    self._warned,
+                    "AnnSA: the call already has a block-sparse plan from an earlier method in the chain; "
+                    "AnnSA leaves it unchanged (put AnnSA first to route it)",
+                )
             return proceed(call)
         context = call.context
         if context is None:
-            return run_plan(self._build(call, None), call, proceed)
-        step = context.chunk_step if context.chunk_step is not None else context.step_index
-        if step < self.config.dense_steps or (
-            call.layer is not None and call.layer.index < self.config.dense_layers
-        ):
+            return run_plan(self.plan(call), call, proceed)
+        if not self.routes(call):
             return proceed(call)
+        step = context.chunk_step if context.chunk_step is not None else context.step_index
         state = context.module_state(call.attn).setdefault(_STATE_KEY, {})
         epoch = (context.chunk_index, context.phase, step // self.config.refresh_every)
         plan = state.get("plan")
@@ -288,11 +290,22 @@ class AnnSA(Method):
             or state.get("epoch") != epoch
             or plan.signature != _signature(call.q, call.k, call.v.shape[-1])
         ):
-            plan = state["plan"] = self._build(call, None if plan is None else plan.centroids)
+            plan = state["plan"] = self.plan(call, None if plan is None else plan.centroids)
             state["epoch"] = epoch
         return run_plan(plan, call, proceed)
 
-    def _build(self, call: AttentionCall, centroids: torch.Tensor | None) -> AnnSAPlan:
+    def routes(self, call: AttentionCall) -> bool:
+        """Whether ``call`` (with a step context) is routed sparse: not one of the first
+        ``dense_steps`` steps (in rollouts, of the chunk) nor of the first ``dense_layers`` layers."""
+        context = call.context
+        step = context.chunk_step if context.chunk_step is not None else context.step_index
+        return step >= self.config.dense_steps and (
+            call.layer is None or call.layer.index >= self.config.dense_layers
+        )
+
+    def plan(self, call: AttentionCall, centroids: torch.Tensor | None = None) -> AnnSAPlan:
+        """A new plan for ``call`` with this method's config (:func:`build_plan`), k-means warm-started
+        from ``centroids`` (a previous plan's) when given."""
         return build_plan(
             call.q,
             call.k,

@@ -119,9 +119,18 @@ class Method(ABC):
 
     kinds: ClassVar[frozenset[str]] = frozenset()
     needs_context: ClassVar[bool] = False
+    chain_rank: ClassVar[int] = 0
+    """Methods run in ascending ``chain_rank``, ties in the order of the configs. A method that must
+    see a call before others restructure it has a lower rank (FlashBlock: -1, it splits the rollout's
+    cache keys from the chunk's own keys, which AnnSA's permutation interleaves)."""
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+
+    def bind(self, later: list[Method]) -> None:
+        """Called once by the processor with the methods that run after this one, for a method that
+        cooperates with a later one (FlashBlock's residual reuse takes AnnSA's routing). Default: nothing."""
+        return None
 
     @abstractmethod
     def attend(self, call: AttentionCall, proceed: Proceed) -> AttentionResult:
@@ -137,7 +146,8 @@ class AccelProcessor:
 
     Args:
         *configs: :class:`~vidaccel.config.MethodConfig` instances; their methods are chained in
-            this order (the first sees the call first and the result last). None: dense attention.
+            this order (the first sees the call first and the result last), after a stable sort by
+            :attr:`Method.chain_rank`. None: dense attention.
         backend: :func:`vidaccel.ops.attention` backend, one of ``vidaccel.ops.BACKENDS``.
 
     Install it with ``vidaccel.apply(pipe, *configs)`` (which also installs the step context) or
@@ -161,7 +171,9 @@ class AccelProcessor:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.configs = configs
         self.backend = backend
-        self.methods = [config.build() for config in configs]
+        self.methods = sorted((config.build() for config in configs), key=lambda method: method.chain_rank)
+        for position, method in enumerate(self.methods):
+            method.bind(self.methods[position + 1 :])
         for method in self.methods:
             unknown = set(method.kinds) - set(KINDS)
             if unknown:
