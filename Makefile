@@ -1,5 +1,6 @@
 # The two set-up commands the README names; each works first on a fresh machine.
-#   make demo   set up .venv, then run the tiny Wan demo (stock vs vidaccel) into out/
+#   make demo   set up .venv, then roll out the shipped world model (truth | dense | accelerated) into out/
+#               (demos/world_model_rollout.py on its embedded defaults: short on a CPU, longer on a GPU)
 #   make test   set up .venv, then run the CPU test lane (Triton kernels under TRITON_INTERPRET=1)
 # Extra pytest arguments: make test PYTEST_ARGS="-k metrics -x"
 
@@ -10,11 +11,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidaccel-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test
+.PHONY: demo demo-tiny test
 .DEFAULT_GOAL := demo
 
 demo: $(STAMP)
-	$(PY) demos/tiny_wan_demo.py --out out
+	$(PY) demos/world_model_rollout.py --out out
+
+# The earlier main demo: a tiny random Wan pipeline, stock diffusers vs vidaccel (plumbing and fidelity).
+demo-tiny: $(STAMP)
+	$(PY) demos/tiny_wan_demo.py --out out/tiny
 
 # TRITON_INTERPRET must be set before anything imports triton. pytest exits 5 when it collected no
 # test (e.g. a -k filter that matches nothing): say so plainly instead of failing without a message.
@@ -30,7 +35,7 @@ test: $(STAMP)
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip "setuptools>=69" wheel
 	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[dev,faiss,video]"
+	$(PY) -m pip install -e ".[dev,faiss,video,demo]"
 	touch $@
 
 $(PY):

@@ -33,6 +33,7 @@ import importlib.util
 import json
 import math
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
             "seed": args.seed,
         },
         "videos": _write_videos(args.out, views),
-        "plot": _plot(args.out / "rollout.png", runs),
+        "plot": plot_chunks(args.out / "rollout.png", runs),
         "methods": runs,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
@@ -150,28 +151,7 @@ def _rollout(pipe, prompt, size, method, args, device) -> dict:
         for _ in pipe.stream(num_frames=min(frames, warmup_frames), **options):
             pass
     stream = pipe.stream(num_frames=frames, generator=torch.Generator().manual_seed(args.seed), **options)
-    chunks, pieces = [], []
-    _sync(device)
-    start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for out in stream:
-        _sync(device)
-        now = time.perf_counter()
-        cache = pipe.kv_cache_stats()
-        chunks.append(
-            {
-                "chunk": len(chunks),
-                "latency_s": now - start,
-                "kv_cache_bytes": cache.get("nbytes", 0),
-                "kv_cache_tokens_per_layer": cache.get("first_layer", {}).get("tokens", 0),
-                "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            }
-        )
-        pieces.append(out.frames)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
+    chunks, pieces = timed_chunks(pipe, stream, device)
     video = (
         torch.cat(pieces, dim=2).float().cpu().numpy() if pipe.vae is None else np.concatenate(pieces, axis=1)
     )
@@ -208,61 +188,128 @@ def _write_videos(out: Path, clips: dict[str, np.ndarray]) -> dict[str, str]:
         scale = max(1, math.ceil(VIEW_SIZE / min(frames.shape[1:3])))
         frames = np.repeat(np.repeat(frames, scale, axis=1), scale, axis=2)
         frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-        path = out / f"{name}.mp4"
-        if importlib.util.find_spec("imageio_ffmpeg") is not None:
-            import imageio.v2 as imageio
-
-            imageio.mimwrite(path, list(frames), fps=FPS, macro_block_size=1)
-        else:
-            import cv2
-
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, frames.shape[2:0:-1])
-            for frame in frames:
-                writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV wants BGR
-            writer.release()
-        written[name] = path.name
+        written[name] = write_video(out / f"{name}.mp4", frames, FPS)
     return written
 
 
-def _plot(path: Path, runs: dict) -> str:
-    """A PNG with two panels over the chunk index: latency (ms) and memory (MiB: peak GPU memory on
-    CUDA, else the KV caches' size), one line per method. Drawn with PIL (no plotting dependency)."""
-    colors = {"dense": (214, 39, 40), "window": (31, 119, 180), "tempcache": (44, 160, 44)}
+def write_video(path: Path, frames: Iterable[np.ndarray], fps: int) -> str:
+    """Write uint8 RGB frames ``[H, W, 3]`` (all one size; any iterable, consumed one frame at a time)
+    as an mp4: imageio-ffmpeg where it is installed, else OpenCV's ``mp4v`` writer. Returns the file
+    name."""
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        import imageio.v2 as imageio
+
+        with imageio.get_writer(path, fps=fps, macro_block_size=1) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+    else:
+        import cv2
+
+        writer = None
+        for frame in frames:
+            if writer is None:
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frame.shape[1::-1])
+            writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV wants BGR
+        if writer is not None:
+            writer.release()
+    return path.name
+
+
+def plot_chunks(path: Path, runs: dict) -> str:
+    """A PNG with three panels over the chunk index: latency (ms), memory (MiB: peak GPU memory on
+    CUDA, else the KV caches' allocated size) and the KV caches' tokens in use (all layers), one line
+    per method."""
     on_gpu = any(c["peak_gpu_bytes"] is not None for run in runs.values() for c in run["chunks"])
     memory_key, memory_name = (
         ("peak_gpu_bytes", "peak GPU memory") if on_gpu else ("kv_cache_bytes", "KV cache")
     )
     panels = [
-        ("latency per chunk (ms)", lambda c: c["latency_s"] * 1e3),
-        (f"{memory_name} per chunk (MiB)", lambda c: c[memory_key] / 2**20),
+        (
+            "latency per chunk (ms)",
+            {m: [c["latency_s"] * 1e3 for c in run["chunks"]] for m, run in runs.items()},
+        ),
+        (
+            f"{memory_name} per chunk (MiB)",
+            {m: [c[memory_key] / 2**20 for c in run["chunks"]] for m, run in runs.items()},
+        ),
+        (
+            "KV cache tokens in use (all layers)",
+            {m: [c["kv_cache_tokens"] for c in run["chunks"]] for m, run in runs.items()},
+        ),
     ]
+    return plot_lines(path, panels, x_label="chunk")
+
+
+SERIES_COLORS = {"dense": (214, 39, 40), "window": (31, 119, 180), "tempcache": (44, 160, 44)}
+"""Fixed colours of the methods every plot shows; other series take :data:`PALETTE` colours in order."""
+PALETTE = ((255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207), (188, 189, 34),
+           (127, 127, 127), (0, 0, 0))  # fmt: skip
+
+
+def plot_lines(
+    path: Path,
+    panels: Sequence[tuple[str, dict[str, Sequence[float]]]],
+    *,
+    x_label: str,
+    from_zero: bool = True,
+    colors: dict[str, tuple[int, int, int]] | None = None,
+) -> str:
+    """Draw line panels side by side into a PNG with PIL (no plotting dependency); returns the file name.
+
+    Args:
+        panels: ``(title, {series name: y values at x = 0, 1, ...})`` per panel; one colour per series
+            name across panels (``colors``, then :data:`SERIES_COLORS`, then :data:`PALETTE` in order),
+            one legend below. Non-finite values (inf, NaN) are left out of the lines and the scale.
+        x_label: the x axis' name (``"chunk"``, ``"frame"``).
+        from_zero: start every y axis at 0; ``False`` spans the data's range.
+    """
+    names = list(dict.fromkeys(name for _, series in panels for name in series))
+    palette = iter(PALETTE * (len(names) // len(PALETTE) + 1))
+    known = {**SERIES_COLORS, **(colors or {})}
+    color = {name: known[name] if name in known else next(palette) for name in names}
     width, height, margin = 560, 320, 56
-    image = Image.new("RGB", (width * len(panels), height + 30), "white")
+    per_row = max(1, (width * len(panels) - margin) // 150)  # legend entries per row
+    legend_rows = math.ceil(len(names) / per_row)
+    image = Image.new("RGB", (width * len(panels), height + 10 + 20 * legend_rows), "white")
     draw = ImageDraw.Draw(image)
-    for index, (title, value) in enumerate(panels):
+    for index, (title, series) in enumerate(panels):
         left, right, top, bottom = index * width + margin, (index + 1) * width - 16, 28, height - 30
-        series = {m: [value(c) for c in run["chunks"]] for m, run in runs.items()}
-        top_value = max((max(s) for s in series.values() if s), default=1.0) * 1.1 or 1.0
-        count = max(len(s) for s in series.values())
+        finite = [v for values in series.values() for v in values if math.isfinite(v)]
+        high = max(finite, default=1.0)
+        low = 0.0 if from_zero else min(finite, default=0.0)
+        pad = (high - low) * 0.1 or abs(high) * 0.1 or 1.0
+        low, high = (0.0 if from_zero else low - pad), high + pad
+        count = max((len(values) for values in series.values()), default=1)
         draw.text((left, 8), title, fill="black")
         draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
         for tick in range(5):
             y = bottom - (bottom - top) * tick / 4
-            draw.text((index * width + 4, y - 6), f"{top_value * tick / 4:.4g}", fill="black")
-        draw.text(((left + right) // 2 - 20, bottom + 6), "chunk", fill="black")
-        for method, values in series.items():
-            points = [
-                (left + (right - left) * i / max(count - 1, 1), bottom - (bottom - top) * v / top_value)
-                for i, v in enumerate(values)
-            ]
-            if len(points) > 1:
-                draw.line(points, fill=colors.get(method, (0, 0, 0)), width=2)
-            for x, y in points:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colors.get(method, (0, 0, 0)))
-    for slot, method in enumerate(runs):
-        x, color = margin + 110 * slot, colors.get(method, (0, 0, 0))
-        draw.line([(x, height + 16), (x + 18, height + 16)], fill=color, width=3)
-        draw.text((x + 24, height + 10), method, fill=color)
+            draw.text((index * width + 4, y - 6), f"{low + (high - low) * tick / 4:.4g}", fill="black")
+        draw.text((left, bottom + 4), "0", fill="black")
+        draw.text((right - 24, bottom + 4), str(count - 1), fill="black")
+        draw.text(((left + right) // 2 - 20, bottom + 6), x_label, fill="black")
+
+        def point(i, v, left=left, right=right, top=top, bottom=bottom, low=low, high=high, count=count):
+            return left + (right - left) * i / max(count - 1, 1), bottom - (bottom - top) * (v - low) / (
+                high - low
+            )
+
+        for name, values in series.items():
+            segment = []
+            for i, v in enumerate([*values, math.nan]):  # a NaN ends every segment
+                if math.isfinite(v):
+                    segment.append(point(i, v))
+                    continue
+                if len(segment) > 1:
+                    draw.line(segment, fill=color[name], width=2)
+                if count <= 64:
+                    for x, y in segment:
+                        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color[name])
+                segment = []
+    for slot, name in enumerate(names):
+        x, y = margin + 150 * (slot % per_row), height + 16 + 20 * (slot // per_row)
+        draw.line([(x, y), (x + 18, y)], fill=color[name], width=3)
+        draw.text((x + 24, y - 6), name, fill=color[name])
     image.save(path)
     return path.name
 
@@ -285,6 +332,44 @@ def _table(report: dict) -> str:
             f"{chunks[-1]['kv_cache_bytes'] / 2**20:>9.2f} {shown:>20}"
         )
     return "\n".join(lines)
+
+
+def timed_chunks(pipe: CausalWanPipeline, stream, device: torch.device) -> tuple[list[dict], list]:
+    """Consume ``stream`` (``pipe.stream(...)``), timing each chunk: ``-> (records, chunk outputs)``.
+
+    A record per chunk: ``chunk`` (index), ``latency_s`` (wall time from the previous chunk's arrival,
+    CUDA-synchronised; the first includes the rollout's set-up), ``kv_cache_bytes`` (all layers' caches
+    after the chunk), ``kv_cache_tokens`` (their tokens, summed over layers), ``kv_cache_tokens_per_layer``
+    and ``merge_rate`` (the first layer's cache; the
+    merge rate only for a merging cache, else ``None``) and ``peak_gpu_bytes`` (peak allocated memory
+    during the chunk; ``None`` off CUDA)."""
+    chunks, pieces = [], []
+    cuda = device.type == "cuda"
+    _sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for out in stream:
+        _sync(device)
+        now = time.perf_counter()
+        cache = pipe.kv_cache_stats()
+        first_layer = cache.get("first_layer", {})
+        chunks.append(
+            {
+                "chunk": len(chunks),
+                "latency_s": now - start,
+                "kv_cache_bytes": cache.get("nbytes", 0),
+                "kv_cache_tokens": cache.get("tokens", 0),
+                "kv_cache_tokens_per_layer": first_layer.get("tokens", 0),
+                "merge_rate": first_layer.get("merge_rate"),
+                "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+            }
+        )
+        pieces.append(out.frames)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+    return chunks, pieces
 
 
 def _sync(device: torch.device) -> None:
@@ -332,13 +417,10 @@ def _parse_args(argv):
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=Path("out/long_rollout"))
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        parser.error(
-            f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}"
-        )
-    args.methods = methods
+    try:
+        args.methods = parse_methods(args.methods, METHODS)
+    except ValueError as error:
+        parser.error(str(error))
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.frames = args.frames or (161 if cuda and not args.tiny else 25 if args.tiny else 13)
     args.height = args.height or (32 if args.tiny else 480)
@@ -346,6 +428,34 @@ def _parse_args(argv):
     args.window_frames = args.window_frames or (3 if args.tiny else 21)
     args.sink_frames = args.sink_frames if args.sink_frames is not None else (1 if args.tiny else 3)
     return args
+
+
+def parse_methods(spec: str, known: Sequence[str], *, combinable: Sequence[str] = ()) -> list[str]:
+    """``"dense,tempcache,annsa+tempcache"`` → ``["dense", "tempcache", "annsa+tempcache"]``.
+
+    Each comma-separated item is one of ``known``, or (when ``combinable`` is given) several names of
+    ``combinable`` joined by ``+`` (a combination, run together). Raises ``ValueError`` naming the bad
+    item and the allowed names for an unknown name, a name repeated within a combination, a repeated
+    item or an empty list.
+    """
+    methods = [item.strip() for item in spec.split(",") if item.strip()]
+    allowed = f"a comma-separated list of {', '.join(known)}" + (
+        f" and '+'-joined combinations of {', '.join(combinable)}" if combinable else ""
+    )
+    if not methods:
+        raise ValueError(f"--methods must be {allowed}, got {spec!r}")
+    for method in methods:
+        parts = [part.strip() for part in method.split("+")]
+        ok = (
+            method in known
+            if len(parts) == 1
+            else all(p in combinable for p in parts) and len(set(parts)) == len(parts)
+        )
+        if not ok:
+            raise ValueError(f"--methods must be {allowed}; {method!r} is not")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods lists a method twice: {spec!r}")
+    return ["+".join(part.strip() for part in method.split("+")) for method in methods]
 
 
 if __name__ == "__main__":

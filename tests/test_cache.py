@@ -229,7 +229,7 @@ def test_heads_keep_their_own_representatives():
     frames = 6
     keys, values = static_scene(frames, torch.float32)
     keys[:, :, 1] = torch.randn(B, frames * P, D)
-    cache = tempcache()
+    cache = tempcache(per_head=True)
     rollout(cache, keys, values)
     _, _, bias = cache.extend(*chunk(1))
     assert cache.num_external == frames * P

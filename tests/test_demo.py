@@ -1,16 +1,20 @@
-"""The main demo (``make demo``) on tiny settings: files, report fields, and fidelity (vidaccel's
-dense attention reproduces the stock clip)."""
+"""``make demo`` runs the world-model rollout (tested end to end in tests/test_world_model_rollout.py);
+the earlier tiny Wan demo (``make demo-tiny``) on tiny settings: files, report fields, and fidelity
+(vidaccel's dense attention reproduces the stock clip)."""
 
 import importlib.util
 import json
 import math
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
 
-DEMO = Path(__file__).resolve().parents[1] / "demos" / "tiny_wan_demo.py"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demos" / "tiny_wan_demo.py"
 FRAMES, HEIGHT, WIDTH = 5, 32, 48
 
 
@@ -88,3 +92,19 @@ def test_demo_rejects_bad_settings(demo, argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), *argv])
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize(
+    "target, command",
+    [
+        ("demo", "demos/world_model_rollout.py --out out"),
+        ("demo-tiny", "demos/tiny_wan_demo.py --out out/tiny"),
+    ],
+)
+def test_make_targets_run_the_demos(target, command):
+    # -n: print the recipe without running it (nor the install, whose commands it may print too).
+    recipe = subprocess.run(
+        ["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert recipe.strip().splitlines()[-1] == f".venv/bin/python {command}", recipe

@@ -329,8 +329,11 @@ class TempCacheConfig(MethodConfig):
 
     Meaning:
         threshold: cosine similarity in [-1, 1] at or above which a key merges (τ). 1 merges only
-            keys of (numerically) identical direction; the default 0.95 merges tracked content that
-            barely changed between frames.
+            keys of (numerically) identical direction; the default 0.95 merges content that barely
+            changed between frames. The defaults of ``threshold``, ``match_keys`` and ``per_head`` were
+            settled on the game world model (``benchmarks/bench_world_model.py``,
+            ``benchmarks/results/world_model_tempcache.md``): the most merging setting within 0.5 dB
+            of dense against the true frames.
         sink_frames: the first latent frames committed (>= 0) stay for the whole rollout as separate
             representatives: never matched, merged or evicted (attention sinks). Default 3, the first
             chunk of a 3-frame rollout, as Self-Forcing-style rollouts keep it.
@@ -348,15 +351,20 @@ class TempCacheConfig(MethodConfig):
             ``"global"``: every non-sink representative (exhaustive; cost grows with the cache up to
             ``max_tokens``).
         radius: half-size in tokens of the ``"local"`` window (>= 0). Default 2 (5 × 5 positions).
-        match_keys: ``"pre_rotary"`` (default): match the keys before the rotary embedding, since
-            rotary rotates identical content differently at each frame, so post-rotary similarity of
-            static content decays with the frame gap; ``"post_rotary"`` matches what attention sees.
+        match_keys: ``"post_rotary"`` (default) matches what attention sees: Wan's rotary encodes the
+            token's row and column as well as its frame, so a post-rotary match is also a spatial
+            match, and similarity to the previous frame's keys decays only by one frame's temporal
+            rotation. ``"pre_rotary"`` matches content regardless of position: identical content at
+            another position of the 3-D rotary grid (flat regions of a frame) merges too, and the
+            merged representative loses the older key's spatial position (on the world model it
+            lost ≥ 4.9 dB against dense where post-rotary lost ≤ 0.7 dB).
             Either way a representative attends with its most recent key post-rotary, i.e. at the
             rotary position of the most recent frame merged into it (positions continue across
             chunks; the rotary table is extended, never wrapped).
-        per_head: match and merge each head on its own (default: heads attend to different features);
-            ``False`` makes one decision per token for all heads, on the mean over heads of the
-            per-head cosine similarity.
+        per_head: ``False`` (default) makes one decision per token for all heads, on the mean over
+            heads of the per-head cosine similarity, so a token merges only where every head's key
+            agrees (on the world model: 0.23 dB from dense at τ 0.95 where per-head matching lost
+            0.71 dB); ``True`` matches and merges each head on its own.
 
     Memory: per layer, keys, values and the normalised match keys of ``max_tokens`` slots (plus one
     chunk) are allocated at the first commit and never grow.
@@ -367,8 +375,8 @@ class TempCacheConfig(MethodConfig):
     max_tokens: int = 32_760
     scope: str = "local"
     radius: int = 2
-    match_keys: str = "pre_rotary"
-    per_head: bool = True
+    match_keys: str = "post_rotary"
+    per_head: bool = False
 
     SCOPES = ("local", "previous_frame", "global")
     MATCH_KEYS = ("pre_rotary", "post_rotary")

@@ -1,0 +1,622 @@
+"""World-model rollouts: our small Wan world model, dense and accelerated, against the game's true frames.
+
+The world model (``vidaccel.pipelines.WorldModelPipeline``, weights shipped in ``assets/world_model``)
+predicts the frames of a procedural game (``vidaccel.pipelines.game``) from true context frames and
+the player's actions. This script rolls it out with the same actions the game is played with, once
+per method, and measures every method against the game's true frames:
+
+- ``dense``: the full KV cache of every earlier frame, exact attention (the baseline),
+- ``rolling``: Self-Forcing's rolling-window cache (``--window-frames`` frames, ``--sink-frames`` sinks),
+- ``tempcache``: TempCache's merged KV cache (``vidaccel.TempCacheConfig``; ``--threshold``, ``--max-tokens``),
+- ``annsa``: ANN-routed sparse self-attention (``vidaccel.AnnSAConfig(top_p=0.9)``),
+- ``annca``: ANN-selected cross-attention to the level tokens (``vidaccel.AnnCAConfig(top_p=0.9)``),
+- ``flashblock``: reuse of the attention to earlier chunks across denoising steps
+  (``vidaccel.FlashBlockConfig()``; listed when this vidaccel has it),
+
+and ``+``-joined combinations, e.g. ``flashblock+tempcache`` (the configs in that order in one
+processor; ``rolling`` combines with anything but ``tempcache``, which has its own budget).
+
+It writes to ``--out``:
+
+- ``side_by_side.mp4``: truth | dense | each other method, labelled, the predicted frames (OpenCV's
+  writer where imageio-ffmpeg is missing), and ``frame.png`` (one such frame; ``--frame-png``);
+- ``latency_memory.png``: per-chunk latency and memory (peak GPU memory on CUDA, else the KV caches);
+- ``psnr.png``: per-frame PSNR against the true frames, each method and the copy-last-frame baseline;
+- ``alive.png``: per-frame mean and standard deviation of each method's frames within the range of
+  the true frames' (the "stays alive" check of long rollouts; the range spans the clip's true frames
+  and a 1,000-frame random walk in the same world, so that a short clip's narrow range does not fail
+  a healthy rollout);
+- ``report.json`` and ``report.md``: per method the total time, per-chunk latency, speed-up over
+  dense, peak memory and KV-cache bytes, TempCache's merge rate, PSNR/SSIM against the truth over the
+  first 32 predicted frames and overall, PSNR against dense, the stays-alive check (pass/fail), and a
+  flag on every method that loses more than 0.5 dB against dense over the first 32 frames; the
+  copy-last-frame baseline; and the quality bar "dense beats copy-last by >= 2 dB".
+
+It prints the table last. PSNR of a range of frames pools the squared error over those frames (the
+metric of ``vidaccel.metrics.psnr``). Fidelity figures describe this small model, not a large one.
+
+    python demos/world_model_rollout.py --out out                       # the default (make demo)
+    python demos/world_model_rollout.py --frames 1000 --methods dense,tempcache,rolling,annsa --out out/wm
+    python demos/world_model_rollout.py --actions scripted --methods dense,flashblock+tempcache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import vidaccel
+from vidaccel.metrics import psnr, ssim
+from vidaccel.pipelines.game import ACTIONS, GameEnv, parse_actions, random_actions, scripted_actions
+from vidaccel.pipelines.world_model import WorldModelPipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from long_rollout import parse_methods, plot_chunks, plot_lines, timed_chunks, write_video  # noqa: E402
+
+HAS_FLASHBLOCK = hasattr(vidaccel, "FlashBlockConfig")
+COMBINABLE = ("rolling", "tempcache", "annsa", "annca", *(("flashblock",) if HAS_FLASHBLOCK else ()))
+METHODS = ("dense", *COMBINABLE)
+FIRST = 32  # the quality bars' "first 32 predicted frames"
+FLAG_DB = 0.5  # a method losing more than this against dense over the first 32 frames is flagged
+COPY_LAST_MARGIN_DB = 2.0  # dense must beat the copy-last-frame baseline by this much
+REFERENCE_FRAMES = 1000  # true frames of the stays-alive range beyond the clip's own
+FPS = 16
+# The plots' reference lines (the methods take the shared method colours).
+REFERENCE_COLORS = {
+    "truth": (0, 0, 0),
+    "copy last frame": (150, 150, 150),
+    "true range low": (150, 150, 150),
+    "true range high": (150, 150, 150),
+}
+VIEW_SCALE = 4  # default upscaling (nearest) of the 64x64 panels in the video and the PNG
+LABEL_HEIGHT = 16
+GAP = 4  # pixels between panels
+# Embedded defaults: CPU (make demo on 2 cores within 5 minutes) and GPU (a longer rollout).
+CPU_DEFAULTS = {"frames": 24, "methods": ("dense", "tempcache", "flashblock")}
+GPU_DEFAULTS = {
+    "frames": 240,
+    "methods": ("dense", "tempcache", "rolling", "annsa", "flashblock", "flashblock+tempcache"),
+}
+
+
+def main(argv=None) -> dict:
+    started = time.perf_counter()
+    parser = _parser()
+    args = _parse_args(parser, argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = load_world_model(args)
+    meta = pipe.metadata
+    chunk_frames = int(meta["chunk_frames"])
+    context = args.context if args.context is not None else int(meta["context_frames"])
+    if context < chunk_frames or context % chunk_frames:
+        parser.error(
+            f"--context must be a positive multiple of the model's chunk_frames ({chunk_frames}), got {context}"
+        )
+    try:
+        context_actions, actions = rollout_actions(args.actions, context, args.frames, args.seed)
+    except ValueError as error:
+        parser.error(f"--actions: {error}")
+
+    truth = play(args.seed, args.level, context_actions, actions)
+    context_frames, truth_pred = truth[:context], truth[context:].astype(np.float32) / 255.0
+
+    runs, videos = {}, {}
+    for method in args.methods:
+        configs, rollout_kwargs = method_configs(method, args)
+        chunks, videos[method] = run_method(
+            pipe,
+            configs,
+            context_frames,
+            context_actions,
+            actions,
+            level=args.level,
+            seed=args.seed,
+            warmup_chunks=args.warmup_chunks,
+            **rollout_kwargs,
+        )
+        runs[method] = {
+            "configs": [repr(config) for config in configs],
+            "rollout_kwargs": rollout_kwargs,
+            **_timing(chunks),
+        }
+    vidaccel.remove(pipe)
+
+    copy_last = np.broadcast_to(context_frames[-1].astype(np.float32) / 255.0, truth_pred.shape)
+    baseline = _fidelity(copy_last, truth_pred)
+    true_range = true_frame_range(truth, args.seed, args.level)
+    for method, video in videos.items():
+        run = runs[method]
+        run["vs_truth"] = _fidelity(video, truth_pred)
+        run["alive"] = _alive(video, true_range)
+        if "dense" in videos:
+            dense = runs["dense"]
+            run["speedup_vs_dense"] = dense["total_s"] / run["total_s"]
+            run["vs_dense"] = {
+                "psnr_first32": _finite(psnr(video[:FIRST], videos["dense"][:FIRST])),
+                "psnr_all": _finite(psnr(video, videos["dense"])),
+                "identical": bool(np.array_equal(video, videos["dense"])),
+            }
+            loss = psnr(videos["dense"][:FIRST], truth_pred[:FIRST]) - psnr(video[:FIRST], truth_pred[:FIRST])
+            run["loss_vs_dense_first32_db"] = _finite(loss)
+            run["flagged"] = not loss <= FLAG_DB  # a NaN video (NaN loss) is flagged too
+
+    report = {
+        "model": {
+            "path": "random weights"
+            if args.random_weights
+            else str(args.model or "shipped (assets/world_model)"),
+            "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+            "training": meta.get("training"),
+        },
+        "device": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu",
+        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+        "settings": {
+            "frames": args.frames,
+            "context": context,
+            "chunk_frames": chunk_frames,
+            "actions": args.actions,
+            "level": args.level,
+            "seed": args.seed,
+            "methods": args.methods,
+            "warmup_chunks": args.warmup_chunks,
+            "window_frames": args.window_frames,
+            "sink_frames": args.sink_frames,
+            "threshold": args.threshold,
+            "max_tokens": args.max_tokens,
+            "view_scale": args.view_scale,
+        },
+        "actions": {"context": context_actions, "predicted": actions},
+        "copy_last_frame": baseline,
+        "true_range": true_range,
+        "quality_bars": _quality_bars(runs, baseline),
+        "methods": runs,
+    }
+    report["files"] = {
+        "video": write_video(
+            args.out / "side_by_side.mp4", _side_by_side_frames(truth_pred, videos, args.view_scale), FPS
+        ),
+        "frame_png": _frame_png(
+            args.frame_png or args.out / "frame.png", truth_pred, videos, args.frame_index
+        ),
+        "latency_memory_plot": plot_chunks(args.out / "latency_memory.png", runs),
+        "psnr_plot": plot_lines(
+            args.out / "psnr.png",
+            [("PSNR vs truth per predicted frame (dB)", _psnr_series(runs, baseline))],
+            x_label="predicted frame",
+            from_zero=False,
+            colors=REFERENCE_COLORS,
+        ),
+        "alive_plot": plot_lines(
+            args.out / "alive.png",
+            _alive_panels(runs, truth_pred, true_range),
+            x_label="predicted frame",
+            from_zero=False,
+            colors=REFERENCE_COLORS,
+        ),
+        "report_md": "report.md",
+    }
+    report["wall_s"] = time.perf_counter() - started  # the whole script, model loading to plots
+    (args.out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    table = format_table(report)
+    (args.out / "report.md").write_text(table + "\n")
+    print(table)
+    return report
+
+
+def rollout_actions(spec, context: int, frames: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(context actions, predicted frames' actions)`` for ``--actions``.
+
+    ``"random"`` / ``"scripted"`` draw one sequence for the whole clip (:func:`random_actions` with
+    ``seed``, :func:`scripted_actions`); anything else (a file path, a comma-separated string, a list
+    of names/ids) is read by :func:`parse_actions` and holds the ``frames`` predicted frames' actions,
+    and the context is played with the random walk. The reset frame's action is ``noop`` (the game's convention).
+    Raises ``ValueError`` for an unknown action or a wrong number of them."""
+    if spec in ("random", "scripted"):
+        whole = (
+            random_actions(context + frames, seed=seed)
+            if spec == "random"
+            else scripted_actions(context + frames)
+        )
+        context_actions, actions = whole[:context], whole[context:]
+    else:
+        actions = parse_actions(spec, num_frames=frames)
+        context_actions = random_actions(context, seed=seed)
+    return [ACTIONS.index("noop"), *context_actions[1:]], actions
+
+
+def play(seed: int, level: int, context_actions: list[int], actions: list[int]) -> np.ndarray:
+    """The game's true frames, uint8 ``[T0 + F, 64, 64, 3]``: the reset frame, then one per action
+    after the first context action (the reset frame's)."""
+    env = GameEnv(seed=seed, level=level)
+    return np.concatenate([env.reset()[None], env.rollout(context_actions[1:] + actions)])
+
+
+def run_method(
+    pipe: WorldModelPipeline,
+    configs: list,
+    context_frames: np.ndarray,
+    context_actions: list[int],
+    actions: list[int],
+    *,
+    level: int = 0,
+    seed: int = 0,
+    warmup_chunks: int = 0,
+    **rollout_kwargs,
+) -> tuple[list[dict], np.ndarray]:
+    """One timed rollout of ``len(actions)`` frames with ``configs`` installed (none: dense), after an
+    untimed warm-up rollout of ``warmup_chunks`` chunks (first-call costs: kernel compilation, the
+    allocator); ``-> (per-chunk records of timed_chunks, predicted frames float32 [F, 64, 64, 3] in
+    [0, 1])``. Context frames ``[B, T0, 64, 64, 3]`` roll out a batch (shared actions) and return
+    ``[B, F, 64, 64, 3]``. The pipeline is left on its ``DenseProcessor``."""
+    if configs:
+        vidaccel.apply(pipe, *configs)
+
+    def stream(num_frames):
+        return pipe.stream(
+            context_frames,
+            actions[:num_frames],
+            num_frames,
+            context_actions=context_actions,
+            level=level,
+            generator=torch.Generator().manual_seed(seed),
+            **rollout_kwargs,
+        )
+
+    try:
+        if warmup_chunks:
+            for _ in stream(min(len(actions), warmup_chunks * int(pipe.metadata["chunk_frames"]))):
+                pass
+        chunks, pieces = timed_chunks(pipe, stream(len(actions)), pipe.device)
+    finally:
+        vidaccel.remove(pipe)  # back to the pipeline's DenseProcessor
+    video = np.concatenate(pieces, axis=1).astype(np.float32)  # [B, F, 64, 64, 3]
+    return chunks, video if context_frames.ndim == 5 else video[0]
+
+
+def true_frame_range(truth: np.ndarray, seed: int, level: int) -> dict:
+    """``{"mean": [low, high], "std": [low, high]}``: the range of the per-frame mean and standard
+    deviation (pixels in [0, 1]) of the true frames ``truth`` (uint8 ``[T, 64, 64, 3]``) and of a
+    :data:`REFERENCE_FRAMES`-frame random walk in the same world and level."""
+    reference = play(seed, level, [ACTIONS.index("noop")], random_actions(REFERENCE_FRAMES, seed=seed + 1))
+    frames = np.concatenate([truth, reference]).astype(np.float32) / 255.0
+    return {"mean": _bounds(frames.mean(axis=(1, 2, 3))), "std": _bounds(frames.std(axis=(1, 2, 3)))}
+
+
+def method_configs(method: str, args) -> tuple[list, dict]:
+    """``(vidaccel configs, extra pipeline arguments)`` of a ``--methods`` item (``"a+b"``: both)."""
+    configs, rollout_kwargs = [], {}
+    for part in method.split("+"):
+        if part == "rolling":
+            rollout_kwargs = {"max_cache_frames": args.window_frames, "sink_frames": args.sink_frames}
+        elif part == "tempcache":
+            overrides = {"threshold": args.threshold, "max_tokens": args.max_tokens}
+            configs.append(vidaccel.TempCacheConfig(**{k: v for k, v in overrides.items() if v is not None}))
+        elif part == "annsa":
+            configs.append(vidaccel.AnnSAConfig(top_p=0.9))
+        elif part == "annca":
+            configs.append(vidaccel.AnnCAConfig(top_p=0.9))
+        elif part == "flashblock":
+            configs.append(vidaccel.FlashBlockConfig())
+    return configs, rollout_kwargs
+
+
+def format_table(report: dict) -> str:
+    """The Markdown report: settings, one row per method, the baseline and the quality bars."""
+    s, bars = report["settings"], report["quality_bars"]
+    base = report["copy_last_frame"]
+    header = ("method", "total s", "chunk ms", "speed-up", "memory MiB", "merge", "PSNR 32", "PSNR all",
+              "SSIM 32", "vs dense 32", "alive", "flag")  # fmt: skip
+    rows = [header, tuple("---" for _ in header)]
+    for method, run in report["methods"].items():
+        fid, alive = run["vs_truth"], run["alive"]
+        memory = run["peak_gpu_bytes"] if run["peak_gpu_bytes"] is not None else run["kv_cache_bytes"]
+        vs_dense = run.get("vs_dense", {})
+        rows.append(
+            (
+                method,
+                f"{run['total_s']:.2f}",
+                f"{run['median_chunk_s'] * 1e3:.1f}",
+                _fmt(run.get("speedup_vs_dense"), ".2f", "x"),
+                f"{memory / 2**20:.2f}",
+                _fmt(run["merge_rate"], ".2f"),
+                _fmt(fid["psnr_first32"], ".2f"),
+                _fmt(fid["psnr_all"], ".2f"),
+                _fmt(fid["ssim_first32"], ".3f"),
+                "identical" if vs_dense.get("identical") else _fmt(vs_dense.get("psnr_first32"), ".2f"),
+                "pass" if alive["pass"] else "FAIL",
+                f"loses {_fmt(run['loss_vs_dense_first32_db'], '.2f')} dB" if run.get("flagged") else "",
+            )
+        )
+    rows.append(("copy last frame", "", "", "", "", "", _fmt(base["psnr_first32"], ".2f"), _fmt(base["psnr_all"], ".2f"),
+                 _fmt(base["ssim_first32"], ".3f"), "", "", ""))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    margin = bars["dense_over_copy_last_db"]
+    first = min(FIRST, s["frames"])  # the "first 32" figures of a shorter rollout cover all its frames
+    memory_name = (
+        "peak GPU memory (the most of any chunk)"
+        if report["device"] != "cpu"
+        else "the KV caches' allocated size (all layers; TempCache allocates its whole budget at once)"
+    )
+    lines = [
+        f"# World-model rollout: {s['frames']} predicted frames from {s['context']} true context frames",
+        "",
+        f"Model: {report['model']['path']} ({report['model']['parameters'] / 1e6:.2f}M parameters), "
+        f"{report['device']}, {report['dtype']}; chunks of {s['chunk_frames']} frames, actions {s['actions']!r}, "
+        f"level {s['level']}, seed {s['seed']}. Fidelity figures come from this small model.",
+        "",
+        *("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows),
+        "",
+        f"PSNR/SSIM against the game's true frames (dB; 32: the first {first} predicted frames, squared error "
+        f"pooled over frames); 'vs dense 32': PSNR against the dense rollout; chunk ms: median per-chunk latency "
+        f"(the first chunk includes the context prefill); memory: {memory_name}; merge: TempCache's "
+        f"merge rate (first layer); alive: no NaN and every frame's mean and std within the true frames' range; "
+        f"flag: loses more than {FLAG_DB} dB against dense over the first {first} frames.",
+        "",
+        "Quality bars: dense beats copy-last-frame by "
+        + ("n/a (no dense run)" if margin is None else f"{margin:.2f} dB over the first {first} frames "
+           f"({'pass' if bars['dense_beats_copy_last'] else 'FAIL'}, needs >= {COPY_LAST_MARGIN_DB} dB)")
+        + f"; alive: {', '.join(m + (' pass' if ok else ' FAIL') for m, ok in bars['alive'].items())}; "
+        f"flagged: {', '.join(bars['flagged']) or 'none'}. Wall time of the whole script: {report['wall_s']:.1f} s.",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _timing(chunks: list[dict]) -> dict:
+    latencies = [c["latency_s"] for c in chunks]
+    peaks = [c["peak_gpu_bytes"] for c in chunks if c["peak_gpu_bytes"] is not None]
+    return {
+        "total_s": sum(latencies),
+        "median_chunk_s": statistics.median(latencies[1:] or latencies),
+        "peak_gpu_bytes": max(peaks) if peaks else None,
+        "kv_cache_bytes": chunks[-1]["kv_cache_bytes"],
+        "merge_rate": chunks[-1]["merge_rate"],
+        "chunks": chunks,
+    }
+
+
+def _fidelity(video: np.ndarray, truth: np.ndarray) -> dict:
+    """PSNR/SSIM of predicted frames ``[F, H, W, 3]`` in ``[0, 1]`` against the true ones, over the
+    first 32 and all frames, and per frame."""
+    finite = np.isfinite(video).all()
+    return {
+        "psnr_first32": _finite(psnr(video[:FIRST], truth[:FIRST])),
+        "psnr_all": _finite(psnr(video, truth)),
+        "ssim_first32": ssim(video[:FIRST], truth[:FIRST]) if finite else None,
+        "ssim_all": ssim(video, truth) if finite else None,
+        "per_frame_psnr": [_finite(psnr(frame, true)) for frame, true in zip(video, truth, strict=True)],
+    }
+
+
+def _alive(video: np.ndarray, true_range: dict) -> dict:
+    """The stays-alive check: no NaN frame, every frame's mean and std within the true frames' range."""
+    means, stds = video.mean(axis=(1, 2, 3)), video.std(axis=(1, 2, 3))
+    nan_frames = int((~np.isfinite(video).all(axis=(1, 2, 3))).sum())
+
+    def inside(values, bounds):
+        return bool(np.all((values >= bounds[0]) & (values <= bounds[1])))
+
+    result = {
+        "nan_frames": nan_frames,
+        "mean_in_range": inside(means, true_range["mean"]),
+        "std_in_range": inside(stds, true_range["std"]),
+        "per_frame_mean": [_finite(v) for v in means],
+        "per_frame_std": [_finite(v) for v in stds],
+    }
+    result["pass"] = nan_frames == 0 and result["mean_in_range"] and result["std_in_range"]
+    return result
+
+
+def _quality_bars(runs: dict, baseline: dict) -> dict:
+    margin = None
+    if "dense" in runs and None not in (runs["dense"]["vs_truth"]["psnr_first32"], baseline["psnr_first32"]):
+        margin = runs["dense"]["vs_truth"]["psnr_first32"] - baseline["psnr_first32"]
+    return {
+        "dense_over_copy_last_db": margin,
+        "dense_beats_copy_last": margin is not None and margin >= COPY_LAST_MARGIN_DB,
+        "alive": {method: run["alive"]["pass"] for method, run in runs.items()},
+        "flagged": [method for method, run in runs.items() if run.get("flagged")],
+    }
+
+
+def _psnr_series(runs: dict, baseline: dict) -> dict:
+    series = {method: run["vs_truth"]["per_frame_psnr"] for method, run in runs.items()}
+    series["copy last frame"] = baseline["per_frame_psnr"]
+    return {name: [math.nan if v is None else v for v in values] for name, values in series.items()}
+
+
+def _alive_panels(runs: dict, truth: np.ndarray, true_range: dict) -> list:
+    frames = len(truth)
+    panels = []
+    for key, title in (("mean", "per-frame mean"), ("std", "per-frame std")):
+        series = {"truth": list(getattr(truth, key)(axis=(1, 2, 3)))}
+        series.update(
+            {
+                m: [math.nan if v is None else v for v in run["alive"][f"per_frame_{key}"]]
+                for m, run in runs.items()
+            }
+        )
+        low, high = true_range[key]
+        series.update({"true range low": [low] * frames, "true range high": [high] * frames})
+        panels.append((f"{title} vs the true frames' range", series))
+    return panels
+
+
+def _side_by_side_frames(truth: np.ndarray, videos: dict, scale: int):
+    """Yield uint8 frames: truth | dense | the other methods, each panel labelled and upscaled."""
+    for index in range(len(truth)):
+        yield _composite(index, truth, videos, scale)
+
+
+def _composite(index: int, truth: np.ndarray, videos: dict, scale: int) -> np.ndarray:
+    panels = {f"truth {index}": truth[index], **{name: video[index] for name, video in videos.items()}}
+    size = truth.shape[1] * scale
+    width = len(panels) * size + (len(panels) - 1) * GAP
+    canvas = Image.new("RGB", (width, size + LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(canvas)
+    for slot, (name, frame) in enumerate(panels.items()):
+        left = slot * (size + GAP)
+        pixels = (np.nan_to_num(np.clip(frame, 0.0, 1.0)) * 255).round().astype(np.uint8)
+        panel = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+        canvas.paste(Image.fromarray(panel), (left, LABEL_HEIGHT))
+        draw.text((left + 2, 2), name, fill="black")
+    return np.asarray(canvas)
+
+
+def _frame_png(path: Path, truth: np.ndarray, videos: dict, index: int) -> str:
+    Image.fromarray(_composite(index % len(truth), truth, videos, VIEW_SCALE)).save(path)
+    return str(path)
+
+
+def _bounds(values: np.ndarray) -> list[float]:
+    return [float(values.min()), float(values.max())]
+
+
+def _finite(value) -> float | None:
+    """JSON has no infinity or NaN: those become ``None``."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--random-weights`` and ``--device``, which :func:`load_world_model` reads."""
+    parser.add_argument(
+        "--model", type=Path, default=None, help="world-model folder (default: the shipped one)"
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the shipped config with random weights (smoke runs, tests)",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def load_world_model(args: argparse.Namespace) -> WorldModelPipeline:
+    """The world model of :func:`add_model_arguments`' options (``args.device`` becomes a ``torch.device``)."""
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = WorldModelPipeline.from_pretrained_world_model(
+        args.model, device=args.device, random_weights=args.random_weights
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help=f"predicted frames (default {CPU_DEFAULTS['frames']} on CPU, {GPU_DEFAULTS['frames']} on CUDA)",
+    )
+    parser.add_argument(
+        "--context", type=int, default=None, help="true context frames (default: the model's)"
+    )
+    parser.add_argument(
+        "--actions",
+        default="random",
+        help="random | scripted | FILE (JSON list or one per line) or a comma-separated list: the predicted frames' actions",
+    )
+    parser.add_argument(
+        "--level", type=int, default=0, help="game level (palette) of the truth and the model"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="game world, random actions and noise")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated {', '.join(METHODS)} and '+'-joined combinations "
+        f"(default CPU {','.join(m for m in CPU_DEFAULTS['methods'] if m in METHODS)}; "
+        f"CUDA {','.join(m for m in GPU_DEFAULTS['methods'] if set(m.split('+')) <= set(METHODS))})",
+    )
+    parser.add_argument("--window-frames", type=int, default=21, help="rolling window in frames (default 21)")
+    parser.add_argument(
+        "--sink-frames", type=int, default=3, help="sink frames of the rolling window (default 3)"
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="TempCache threshold (default: the config's)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="TempCache budget per layer and head (default: the config's)",
+    )
+    parser.add_argument(
+        "--warmup-chunks",
+        type=int,
+        default=None,
+        help="chunks of an untimed warm-up rollout per method (default 2 on CUDA, 0 on CPU)",
+    )
+    parser.add_argument(
+        "--frame-png",
+        type=Path,
+        default=None,
+        help="where to write one side-by-side frame (default OUT/frame.png)",
+    )
+    parser.add_argument(
+        "--frame-index", type=int, default=-1, help="predicted frame of --frame-png (default: the last)"
+    )
+    parser.add_argument(
+        "--view-scale",
+        type=int,
+        default=VIEW_SCALE,
+        help=f"video panel upscaling (default {VIEW_SCALE}; 2 for long rollouts)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    return parser
+
+
+def _parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
+    args.frames = args.frames if args.frames is not None else defaults["frames"]
+    if args.methods is None:
+        args.methods = ",".join(m for m in defaults["methods"] if set(m.split("+")) <= set(METHODS))
+    try:
+        args.methods = parse_methods(args.methods, METHODS, combinable=COMBINABLE)
+    except ValueError as error:
+        parser.error(str(error))
+    if any({"rolling", "tempcache"} <= set(m.split("+")) for m in args.methods):
+        parser.error(
+            "--methods: rolling cannot be combined with tempcache (TempCache has its own budget and sinks)"
+        )
+    if args.warmup_chunks is None:
+        args.warmup_chunks = 2 if cuda else 0
+    for name, low in (
+        ("frames", 1),
+        ("window_frames", 1),
+        ("sink_frames", 0),
+        ("warmup_chunks", 0),
+        ("view_scale", 1),
+    ):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.sink_frames >= args.window_frames:
+        parser.error(
+            f"--sink-frames must be < --window-frames ({args.window_frames}), got {args.sink_frames}"
+        )
+    if not -args.frames <= args.frame_index < args.frames:
+        parser.error(
+            f"--frame-index must be in [-{args.frames}, {args.frames - 1}] (--frames {args.frames}), got {args.frame_index}"
+        )
+    if args.actions not in ("random", "scripted") and not args.actions.strip():
+        parser.error("--actions must be random, scripted, a file or a comma-separated list of actions")
+    return args
+
+
+if __name__ == "__main__":
+    main()

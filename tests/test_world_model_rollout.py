@@ -1,0 +1,196 @@
+"""The world-model rollout script (``make demo``) end to end on a few frames with the shipped model,
+its argument errors, and the TempCache sweep's smoke run.
+
+Both scripts run as their own processes with ``TRITON_INTERPRET=0``, as ``make demo`` runs them:
+every op on its PyTorch reference (the Triton kernels have their own tests, and in the interpreter
+these rollouts would take minutes). Flipping the variable inside this process instead would make
+kernel modules imported meanwhile compile for a GPU that is not there.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from vidaccel.metrics import psnr
+from vidaccel.pipelines.game import ACTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES, CONTEXT = 2, 1
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(script: str, *argv: str) -> str:
+    """Run ``script`` (a path under the repository) on the CPU with every op on its reference; its stdout."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    return _load("world_model_rollout", ROOT / "demos" / "world_model_rollout.py")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world_model")
+    argv = ["--frames", str(FRAMES), "--context", str(CONTEXT), "--seed", "5", "--out", str(out)]
+    printed = _run("demos/world_model_rollout.py", *argv, "--frame-png", str(out / "readme_frame.png"))
+    return out, json.loads((out / "report.json").read_text()), printed
+
+
+def test_rollout_writes_video_plots_and_report(demo_run, rollout):
+    out, report, printed = demo_run
+    assert (out / "report.md").read_text().strip() == printed.strip()  # the Markdown report, printed last
+    assert printed.startswith("# World-model rollout")
+    # The embedded CPU default methods (what `make demo` runs), FlashBlock where this vidaccel has it.
+    assert list(report["methods"]) == [m for m in rollout.CPU_DEFAULTS["methods"] if m in rollout.METHODS]
+    assert report["settings"]["frames"] == FRAMES and report["settings"]["context"] == CONTEXT
+    files = report["files"]
+    capture = cv2.VideoCapture(str(out / files["video"]))
+    frames = []
+    while (frame := capture.read())[0]:
+        frames.append(frame[1])
+    capture.release()
+    panels = 1 + len(report["methods"])  # truth | each method
+    width = panels * 64 * rollout.VIEW_SCALE + (panels - 1) * rollout.GAP
+    assert len(frames) == FRAMES and frames[0].shape == (
+        64 * rollout.VIEW_SCALE + rollout.LABEL_HEIGHT,
+        width,
+        3,
+    )
+    with Image.open(files["frame_png"]) as frame:
+        assert frame.size == (width, 64 * rollout.VIEW_SCALE + rollout.LABEL_HEIGHT)
+    for key in ("latency_memory_plot", "psnr_plot", "alive_plot"):
+        with Image.open(out / files[key]) as plot:
+            assert plot.format == "PNG" and plot.size[0] > plot.size[1], key
+
+
+def test_rollout_report_figures(demo_run, rollout):
+    report = demo_run[1]
+    runs = report["methods"]
+    dense = runs["dense"]
+    assert dense["speedup_vs_dense"] == 1.0 and dense["vs_dense"]["identical"] and not dense["flagged"]
+    assert dense["merge_rate"] is None and 0.0 <= runs["tempcache"]["merge_rate"] <= 1.0
+    for method, run in runs.items():
+        assert len(run["chunks"]) == FRAMES and all(c["latency_s"] > 0 for c in run["chunks"]), method
+        assert run["total_s"] == pytest.approx(sum(c["latency_s"] for c in run["chunks"]))
+        assert run["speedup_vs_dense"] == pytest.approx(dense["total_s"] / run["total_s"])
+        assert run["kv_cache_bytes"] > 0 and run["peak_gpu_bytes"] is None  # CPU: no GPU memory
+        assert len(run["vs_truth"]["per_frame_psnr"]) == FRAMES
+        assert run["flagged"] == (run["loss_vs_dense_first32_db"] > rollout.FLAG_DB)
+        alive = run["alive"]
+        assert alive["pass"] == (
+            alive["nan_frames"] == 0 and alive["mean_in_range"] and alive["std_in_range"]
+        )
+
+    # The truth and the copy-last-frame baseline, recomputed from the recorded actions.
+    actions = report["actions"]
+    assert actions["context"][0] == ACTIONS.index("noop") and len(actions["predicted"]) == FRAMES
+    truth = rollout.play(5, 0, actions["context"], actions["predicted"]).astype(np.float32) / 255.0
+    copy_last = np.broadcast_to(truth[CONTEXT - 1], truth[CONTEXT:].shape)
+    assert report["copy_last_frame"]["psnr_all"] == pytest.approx(psnr(copy_last, truth[CONTEXT:]))
+    assert report["true_range"] == rollout.true_frame_range(
+        (truth * 255).round().astype(np.uint8), 5, 0
+    )  # the clip's true frames and a long walk in the same world
+    means = truth.mean(axis=(1, 2, 3))
+    low, high = report["true_range"]["mean"]
+    assert low <= means.min() and means.max() <= high
+    bars = report["quality_bars"]
+    margin = dense["vs_truth"]["psnr_first32"] - report["copy_last_frame"]["psnr_first32"]
+    assert bars["dense_over_copy_last_db"] == pytest.approx(margin)
+    assert bars["dense_beats_copy_last"] == (margin >= rollout.COPY_LAST_MARGIN_DB)
+    assert bars["alive"] == {m: run["alive"]["pass"] for m, run in runs.items()}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "dense,bogus"], "'bogus' is not"),
+        (["--methods", "dense,rolling+tempcache"], "rolling cannot be combined with tempcache"),
+        (["--methods", "dense,dense"], "lists a method twice"),
+        (["--frames", "0"], "--frames must be >= 1"),
+        (["--frames", "2", "--frame-index", "2"], "--frame-index must be in"),
+        (["--actions", "up,jump", "--frames", "2"], "unknown action 'jump' at index 1; allowed: noop"),
+        (["--actions", "up,down,left", "--frames", "2"], "expected 2 actions"),
+        (["--context", "0"], "--context must be a positive multiple"),
+    ],
+)
+def test_rollout_rejects_bad_arguments(rollout, argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        rollout.main(["--device", "cpu", "--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_rollout_actions_sources(rollout, tmp_path):
+    context, predicted = rollout.rollout_actions("scripted", 4, 6, seed=0)
+    assert len(context) == 4 and len(predicted) == 6 and context[0] == 0  # the reset frame's noop
+    assert rollout.rollout_actions("random", 4, 6, seed=1) == rollout.rollout_actions("random", 4, 6, seed=1)
+    path = tmp_path / "actions.json"
+    path.write_text(json.dumps(["up", "left", 4]))
+    assert rollout.rollout_actions(str(path), 2, 3, seed=0)[1] == [1, 3, 4]
+    path.write_text("up\nsideways\n")
+    with pytest.raises(ValueError, match="unknown action 'sideways'"):
+        rollout.rollout_actions(str(path), 2, 2, seed=0)
+
+
+def test_parse_methods_combinations():
+    long_rollout = _load("long_rollout", ROOT / "demos" / "long_rollout.py")
+    known, combinable = ("dense", "a", "b"), ("a", "b")
+    parsed = long_rollout.parse_methods(" dense, a + b ,b", known, combinable=combinable)
+    assert parsed == ["dense", "a+b", "b"]
+    for spec in ("dense+a", "a+a", "a,c", " , "):
+        with pytest.raises(ValueError, match="--methods"):
+            long_rollout.parse_methods(spec, known, combinable=combinable)
+    with pytest.raises(ValueError, match="'a\\+b' is not"):
+        long_rollout.parse_methods("a+b", known)  # no combinations unless allowed
+
+
+def test_tempcache_sweep_quick(rollout, tmp_path):
+    out = tmp_path / "sweep.json"
+    grid = [
+        "--thresholds",
+        "0.95",
+        "--scopes",
+        "local,previous_frame",
+        "--match-keys",
+        "pre_rotary",
+        "--per-head",
+        "true",
+    ]
+    # Two worlds in one batch; a small TempCache budget keeps the CPU buffers small (the sinks and a frame fit).
+    argv = ["--quick", "--frames", "2", "--seeds", "2", "--max-tokens", "2048", *grid, "--out", str(out)]
+    printed = _run("benchmarks/bench_world_model.py", *argv).strip().splitlines()
+    report = json.loads(out.read_text())
+    names = [row["name"] for row in report["summary"]]
+    assert names == ["dense", "pre/head/local/τ0.95", "pre/head/previous_frame/τ0.95"]
+    assert report["winner"]["name"] in names[1:]
+    assert [seed["seed"] for seed in report["per_seed"]] == [0, 1]  # two worlds, one batch
+    assert report["tempcache_fixed"]["max_tokens"] == 2048
+    dense = report["summary"][0]
+    assert dense["loss_first32_db"] == 0 and dense["cache_fraction"] == 1.0 and dense["merge_rate"] is None
+    for row in report["summary"][1:]:
+        assert 0.0 <= row["merge_rate"] <= 1.0 and row["cache_fraction"] <= 1.0
+        assert row["within_flag"] == (max(row["loss_first32_db"], row["loss_all_db"]) <= rollout.FLAG_DB)
+        assert math.isfinite(row["psnr_dense_all"])
+    winner_line = printed[-2]  # the table, the winner, then where it wrote
+    assert winner_line == f"winner: {report['winner']['name']} ({report['winner']['reason']})"
+    assert out.with_suffix(".md").read_text().strip().endswith(winner_line)
