@@ -105,6 +105,6 @@ def test_demo_rejects_bad_settings(demo, argv, message, capsys, tmp_path):
 def test_make_targets_run_the_demos(target, command):
     # -n: print the recipe without running it (nor the install, whose commands it may print too).
     recipe = subprocess.run(
-        ["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "-n", "--no-print-directory", target], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert recipe.strip().splitlines()[-1] == f".venv/bin/python {command}", recipe
