@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vidaccel import Method, MethodConfig
-from vidaccel.pipelines import build_tiny_wan_pipeline, tiny_prompt_embeds
+from vidaccel.pipelines import CausalWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds
 
 # 9 frames of 32x48 pixels: latent [16, 3, 4, 6], token grid (3, 2, 3) = 18 tokens.
 HEIGHT, WIDTH, FRAMES = 32, 48, 9
@@ -78,7 +78,9 @@ class _TestMethod(Method):
 class RecordMethod(_TestMethod):
     def attend(self, call, proceed):
         ctx = call.context
-        seen = dict(kind=call.kind, attn=call.attn, layer=call.layer, seq_q=call.q.shape[1], seq_k=call.k.shape[1])
+        seen = dict(
+            kind=call.kind, attn=call.attn, layer=call.layer, seq_q=call.q.shape[1], seq_k=call.k.shape[1]
+        )
         if ctx is None:
             self.config.log.append(Record(**seen, has_context=False))
         else:
@@ -129,3 +131,11 @@ class AffineConfig(_TestConfig):
     mul: float = 1.0
     scale: float | None = None
     method_cls = AffineMethod
+
+
+def tiny_causal_pipe():
+    """A tiny ``CausalWanPipeline`` (2 layers, 2 heads x 64, progress bar off) and prompt embeddings."""
+    tiny = build_tiny_wan_pipeline(heads=2, head_dim=64, num_layers=2)
+    pipe = CausalWanPipeline(tiny.transformer, tiny.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, tiny_prompt_embeds(tiny, seed=1)

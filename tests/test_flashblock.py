@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from _helpers import masked_attention_fp64, rel_err
-from _tiny import run, tiny_pipe
+from _tiny import run, tiny_causal_pipe, tiny_pipe
 
 import vidaccel
 from vidaccel import (
@@ -18,7 +18,6 @@ from vidaccel import (
     StepContext,
     TempCacheConfig,
 )
-from vidaccel.pipelines import CausalWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds
 from vidaccel.processors import WanAdapter, annsa, flashblock
 from vidaccel.processors.base import dense_attention
 from vidaccel.state import LayerInfo, context_of
@@ -221,10 +220,7 @@ def test_sparse_residual_reuse_freezes_the_routing_and_is_exact_with_unchanged_q
 
 @pytest.fixture(scope="module")
 def causal_pipe():
-    tiny = build_tiny_wan_pipeline(heads=2, head_dim=64, num_layers=2)
-    pipe = CausalWanPipeline(tiny.transformer, tiny.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, tiny_prompt_embeds(tiny, seed=1)
+    return tiny_causal_pipe()
 
 
 def rollout(pipe, embeds, after_chunk=None, num_frames=9):

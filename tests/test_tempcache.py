@@ -4,6 +4,7 @@ CausalWanPipeline rollout (threshold 1 reproduces the dense cached rollout)."""
 import pytest
 import torch
 from _helpers import rel_err
+from _tiny import tiny_causal_pipe
 
 import vidaccel
 from vidaccel import TempCacheConfig, TempCacheProcessor
@@ -14,7 +15,6 @@ from vidaccel.kernels.tempcache import (
     tempcache_merge_fwd,
     tempcache_merge_reference,
 )
-from vidaccel.pipelines import CausalWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -190,10 +190,7 @@ def test_processor_takes_only_a_tempcache_config():
 
 @pytest.fixture(scope="module")
 def causal_pipe():
-    tiny = build_tiny_wan_pipeline(heads=2, head_dim=64, num_layers=2)
-    pipe = CausalWanPipeline(tiny.transformer, tiny.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, tiny_prompt_embeds(tiny, seed=1)
+    return tiny_causal_pipe()
 
 
 def rollout(pipe, embeds, stats=None):
