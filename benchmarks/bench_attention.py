@@ -69,15 +69,8 @@ def main(argv=None) -> dict:
     parser = bench_parser(__doc__, DEFAULT_OUT)
     args = parse_bench_args(parser, argv)
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.quick:
-        parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")
-    device = torch.device("cuda" if cuda else "cpu")
-    shapes = FULL if not args.quick else QUICK_GPU if cuda else QUICK_CPU
-    dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter's bf16 dot is not exact
-    # The fp32 reference must be real fp32, not TF32.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    device, dtype = bench_device(parser, args)
+    shapes = FULL if not args.quick else QUICK_GPU if device.type == "cuda" else QUICK_CPU
 
     bench = Bench(device, dtype, shapes, args.seed)
     rows = []
@@ -97,8 +90,7 @@ def main(argv=None) -> dict:
         "check_queries": shapes["check_queries"],
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(
         f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']} | "
         f"{report['heads']} heads x {report['head_dim']} | {report['timer']}"
@@ -381,16 +373,39 @@ def environment(device: torch.device, quick: bool, dtype: torch.dtype) -> dict:
     cuda = device.type == "cuda"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if cuda
+        else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "vidaccel": getattr(vidaccel, "__version__", _dist_version()),
         "python": sys.version.split()[0],
         "quick": quick,
-        "timer": "triton.testing.do_bench median (CUDA events)" if cuda else "time.perf_counter median (CPU smoke run)",
+        "timer": "triton.testing.do_bench median (CUDA events)"
+        if cuda
+        else "time.perf_counter median (CPU smoke run)",
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def bench_device(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a benchmark run: CUDA in bf16, or (``--quick`` only) the CPU in fp32, where
+    the interpreter's bf16 dot is not exact. TF32 is switched off so that fp32 references are real fp32."""
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.quick:
+        parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+
+
+def write_report(path: Path, report: dict) -> None:
+    """Write a benchmark report as indented JSON (values JSON cannot hold as their ``str``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def bench_parser(doc: str, default_out: Path) -> argparse.ArgumentParser:
@@ -422,7 +437,9 @@ def results_path(out: Path | None, default: Path, quick: bool) -> Path:
 def align(lines: list[tuple[str, ...]]) -> str:
     """Rows of cells (the header first) as left-aligned text columns."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 def _dist_version():

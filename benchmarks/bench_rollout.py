@@ -79,7 +79,14 @@ from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG as WAN_13B  # noqa: E402
 from vidaccel.pipelines.tiny import cast_keeping_fp32_modules  # noqa: E402  (as from_pretrained casts)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import align, bench_parser, parse_bench_args, results_path  # noqa: E402
+from bench_attention import (  # noqa: E402
+    align,
+    bench_device,
+    bench_parser,
+    parse_bench_args,
+    results_path,
+    write_report,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rollout.json"
 FLASHBLOCK_OUT_NAME = (
@@ -125,11 +132,8 @@ def main(argv=None) -> dict:
     )
     args = parse_bench_args(parser, argv)
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.quick:
-        parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter's bf16 dot is not exact
+    device, dtype = bench_device(parser, args)
+    cuda = device.type == "cuda"
     spec = dict(FULL if not args.quick else QUICK_GPU if cuda else QUICK_CPU)
     if args.max_frames is not None:
         spec["max_frames"] = args.max_frames
@@ -178,8 +182,7 @@ def rollout_report(report, args, sections, spec, device, dtype) -> None:
         report["pipeline"] = pipeline_section(spec, device, dtype)
     report["targets"] = targets(report)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     png = args.out.with_suffix(".png")
     plot(report, png)
     print(

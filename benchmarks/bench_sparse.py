@@ -36,8 +36,6 @@ Writes ``benchmarks/results/sparse.json`` (``--out``) and prints a table last.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -49,7 +47,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import (  # noqa: E402
@@ -60,8 +57,11 @@ from bench_attention import (  # noqa: E402
     _sdpa_baseline,
     _with_ratios,
     align,
+    bench_device,
     bench_parser,
+    environment,
     parse_bench_args,
+    write_report,
 )
 
 import vidaccel  # noqa: E402
@@ -88,14 +88,8 @@ def main(argv=None) -> dict:
     parser = bench_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--e2e", action="store_true", help="also time one Wan-1.3B-shaped denoising step")
     args = parse_bench_args(parser, argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.quick:
-        parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")
-    device = torch.device("cuda" if cuda else "cpu")
-    shapes = FULL if not args.quick else QUICK_GPU if cuda else QUICK_CPU
-    dtype = torch.bfloat16 if cuda else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    device, dtype = bench_device(parser, args)
+    shapes = FULL if not args.quick else QUICK_GPU if device.type == "cuda" else QUICK_CPU
 
     bench = Bench(device, dtype, dict(shapes, dense_tokens=shapes["tokens"]), args.seed)
     rows = []
@@ -105,19 +99,13 @@ def main(argv=None) -> dict:
         rows += end_to_end(bench, quick=args.quick, steps=min(shapes["steps"], REFRESH))
 
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "quick": args.quick,
-        "dtype": str(dtype).removeprefix("torch."),
+        **environment(device, args.quick, dtype),
         "shapes": shapes,
         "run": dict(steps=shapes["steps"], passes=PASSES, refresh_every=REFRESH),
         "clustered_inputs": dict(true_clusters=TRUE_CLUSTERS, centre_norm=CENTRE_NORM, noise=NOISE),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_report(args.out, report)
     print(f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']}")
     print(format_table(rows))
     print(f"wrote {args.out}")

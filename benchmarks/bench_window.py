@@ -25,7 +25,6 @@ mean nothing. Writes ``benchmarks/results/window.json`` (``--out``) and prints a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -37,7 +36,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
-from bench_attention import Bench, _fmt, align, bench_parser, environment, parse_bench_args  # noqa: E402
+from bench_attention import (  # noqa: E402
+    Bench,
+    _fmt,
+    align,
+    bench_device,
+    bench_parser,
+    environment,
+    parse_bench_args,
+    write_report,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import vidaccel  # noqa: E402
@@ -62,13 +70,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--step", action="store_true", help="also time the Wan-1.3B-shaped refinement step")
     args = parse_bench_args(parser, argv)
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.quick:
-        parser.error("the full benchmark needs a CUDA GPU; on CPU run --quick (checks code paths only)")
-    device = torch.device("cuda" if cuda else "cpu")
-    shapes = FULL if not args.quick else QUICK_GPU if cuda else QUICK_CPU
-    dtype = torch.bfloat16 if cuda else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    device, dtype = bench_device(parser, args)
+    shapes = FULL if not args.quick else QUICK_GPU if device.type == "cuda" else QUICK_CPU
 
     bench = Bench(device, dtype, shapes, args.seed)
     rows = attention_rows(bench, shapes)
@@ -86,8 +89,7 @@ def main(argv=None) -> dict:
         "head_dim": shapes["head_dim"],
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(
         f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']} | "
         f"grid {tuple(shapes['grid'])} | half-window {tuple(shapes['half_window'])} | "

@@ -30,7 +30,6 @@ Writes ``benchmarks/results/world_model_tempcache.json`` and ``.md`` (``--out``;
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,7 @@ from vidaccel.metrics import psnr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from bench_attention import align, bench_parser, environment, parse_bench_args  # noqa: E402
+from bench_attention import align, bench_parser, environment, parse_bench_args, write_report  # noqa: E402
 from world_model_rollout import (  # noqa: E402
     FIRST,
     FLAG_DB,
@@ -157,8 +156,7 @@ def main(argv=None) -> dict:
         "winner": _winner(summary),
         "per_seed": per_seed,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     table = format_table(report)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
