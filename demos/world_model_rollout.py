@@ -30,7 +30,9 @@ It writes to ``--out``:
   dense, peak memory and KV-cache bytes, TempCache's merge rate, PSNR/SSIM against the truth over the
   first 32 predicted frames and overall, PSNR against dense, the stays-alive check (pass/fail), and a
   flag on every method that loses more than 0.5 dB against dense over the first 32 frames; the
-  copy-last-frame baseline; and the quality bar "dense beats copy-last by >= 2 dB".
+  copy-last-frame baseline; and the quality bar "dense beats copy-last by >= 2 dB";
+- ``progress.json``: each method's summary (time, memory, PSNR, alive) as soon as it finishes, so a
+  long rollout stopped early keeps the methods it finished.
 
 It prints the table last. PSNR of a range of frames pools the squared error over those frames (the
 metric of ``vidaccel.metrics.psnr``). Fidelity figures describe this small model, not a large one.
@@ -93,6 +95,7 @@ def main(argv=None) -> dict:
     parser = _parser()
     args = _parse_args(parser, argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "progress.json").unlink(missing_ok=True)
     pipe = load_world_model(args)
     meta = pipe.metadata
     chunk_frames = int(meta["chunk_frames"])
@@ -109,6 +112,7 @@ def main(argv=None) -> dict:
     truth = play(args.seed, args.level, context_actions, actions)
     context_frames, truth_pred = truth[:context], truth[context:].astype(np.float32) / 255.0
 
+    true_range = true_frame_range(truth, args.seed, args.level)
     runs, videos = {}, {}
     for method in args.methods:
         configs, rollout_kwargs = method_configs(method, args)
@@ -128,11 +132,13 @@ def main(argv=None) -> dict:
             "rollout_kwargs": rollout_kwargs,
             **_timing(chunks),
         }
+        _write_progress(
+            args.out / "progress.json", method, runs[method], videos[method], truth_pred, true_range
+        )
     vidaccel.remove(pipe)
 
     copy_last = np.broadcast_to(context_frames[-1].astype(np.float32) / 255.0, truth_pred.shape)
     baseline = _fidelity(copy_last, truth_pred)
-    true_range = true_frame_range(truth, args.seed, args.level)
     for method, video in videos.items():
         run = runs[method]
         run["vs_truth"] = _fidelity(video, truth_pred)
@@ -362,12 +368,35 @@ def format_table(report: dict) -> str:
         f"flag: loses more than {FLAG_DB} dB against dense over the first {first} frames.",
         "",
         "Quality bars: dense beats copy-last-frame by "
-        + ("n/a (no dense run)" if margin is None else f"{margin:.2f} dB over the first {first} frames "
+        + (("n/a (no dense run)" if "dense" not in report["methods"] else "n/a (copy-last PSNR infinite or NaN: the frames did not change)")
+           if margin is None else f"{margin:.2f} dB over the first {first} frames "
            f"({'pass' if bars['dense_beats_copy_last'] else 'FAIL'}, needs >= {COPY_LAST_MARGIN_DB} dB)")
         + f"; alive: {', '.join(m + (' pass' if ok else ' FAIL') for m, ok in bars['alive'].items())}; "
         f"flagged: {', '.join(bars['flagged']) or 'none'}. Wall time of the whole script: {report['wall_s']:.1f} s.",
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def _write_progress(
+    path: Path, method: str, run: dict, video: np.ndarray, truth: np.ndarray, true_range: dict
+):
+    """Append one finished method's summary to ``progress.json`` and print it, so that a long run
+    that is stopped early keeps what it measured (the full report is written only at the end)."""
+    alive = _alive(video, true_range)
+    summary = {
+        "total_s": run["total_s"],
+        "median_chunk_s": run["median_chunk_s"],
+        "peak_gpu_bytes": run["peak_gpu_bytes"],
+        "kv_cache_bytes": run["kv_cache_bytes"],
+        "merge_rate": run["merge_rate"],
+        "psnr_first32": _finite(psnr(video[:FIRST], truth[:FIRST])),
+        "psnr_all": _finite(psnr(video, truth)),
+        "alive": {k: v for k, v in alive.items() if not k.startswith("per_frame")},
+    }
+    done = json.loads(path.read_text()) if path.exists() else {}
+    done[method] = summary
+    path.write_text(json.dumps(done, indent=2, allow_nan=False) + "\n")
+    print(f"{method}: {json.dumps(summary)}", flush=True)
 
 
 def _timing(chunks: list[dict]) -> dict:
