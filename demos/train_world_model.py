@@ -22,6 +22,18 @@ from far earlier in the same episode (8 to a few hundred frames back, at their t
 attention meets large relative distances in training and learns to discount them; every clip also
 gets a random absolute position offset (rotary angles as large as a 1,000-frame rollout's).
 
+**Fine-tuning for long rollouts** (``--init FOLDER``: start from these weights, fresh optimizer). The
+shipped model's rollouts drift within tens of frames: their frames' mean and contrast leave the range
+of true frames (``benchmarks/bench_world_model_long.py``). Two options target that exposure bias, both
+off by default: ``--self-context P`` replaces, in a fraction P of the clips, the context frames (those
+without a loss) by the model's own one-step estimates of them, so it learns to pull a degraded past
+back toward true frames; ``--context-noise S`` noises context frames to a sigma drawn from [0, S]
+(GameNGen's noise augmentation), for rollouts that commit their frames re-noised
+(``context_timestep``). ``--eval-samplers init`` evaluates only the initial weights' sampler.
+
+    python -u demos/train_world_model.py --init assets/world_model --self-context 0.5 --lr 3e-4 \
+        --warmup 50 --minutes 5 --eval-samplers init --out $OUT/wm
+
 **Output** (``--out``): ``config.json`` + ``diffusion_pytorch_model.safetensors`` (bf16),
 ``world_model.json`` (actions, frame size, chunk/context frames, the chosen sampler, level tokens,
 the training record and the evaluation) and ``loss_curve.json``. The evaluation rolls the model out
@@ -85,14 +97,13 @@ def main() -> None:
     )
     data = Data(frames, actions, levels, device)
 
-    config = world_model_config() | (TOY_CONFIG if args.toy else {})
-    model = WanTransformer3DModel.from_config(config).to(device)
+    model = build_model(args.init, args.toy, device)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"model: {num_params / 1e6:.2f}M parameters ({2 * num_params / 1e6:.1f} MB in bf16)", flush=True)
     if 2 * num_params > MAX_WEIGHT_BYTES:
         raise ValueError(f"{num_params} parameters exceed {MAX_WEIGHT_BYTES} bytes in bf16")
     ema = copy.deepcopy(model).requires_grad_(False)
-    trainer = Trainer(device)
+    trainer = Trainer(device, self_context=args.self_context, context_noise=args.context_noise)
     trainer.install(model)
     trainer.install(ema)
 
@@ -147,7 +158,13 @@ def main() -> None:
     best = ema if chosen == "ema" else model
     print(f"validation loss raw {val['raw']:.4f} ema {val['ema']:.4f} -> {chosen}", flush=True)
 
-    evaluation = evaluate(trainer, best, held_out, args.eval_frames, SAMPLERS[:1] if args.toy else SAMPLERS)
+    samplers = SAMPLERS[:1] if args.toy else SAMPLERS
+    if (
+        args.eval_samplers == "init"
+    ):  # only the sampler the initial weights shipped with (a faster evaluation)
+        init_meta = json.loads((args.init / "world_model.json").read_text())
+        samplers = ((tuple(init_meta["denoising_timesteps"]), float(init_meta["shift"])),)
+    evaluation = evaluate(trainer, best, held_out, args.eval_frames, samplers)
     timesteps, shift = evaluation["chosen"]["denoising_timesteps"], evaluation["chosen"]["shift"]
 
     best.save_config(out)
@@ -178,6 +195,10 @@ def main() -> None:
             "batch_clips": args.batch,
             "clip_frames": args.clip_frames,
             "far_context_frames": args.far_frames,
+            "self_context": args.self_context,
+            "context_noise": args.context_noise,
+            "init": None if args.init is None else str(args.init),
+            "init_training": _init_training(args.init),
             "lr": args.lr,
             "ema": args.ema,
             "episodes": args.episodes,
@@ -199,7 +220,20 @@ def main() -> None:
     print(f"margin over copy-last: {evaluation['margin_db']:+.2f} dB (bar: >= 2 dB)")
 
 
-def parse_args() -> argparse.Namespace:
+def build_model(init: Path | None, toy: bool, device: torch.device) -> WanTransformer3DModel:
+    """The model to train, in training mode: ``world_model_config()`` (the toy size with ``toy``) with
+    fresh weights, or, to fine-tune, the weights in the folder ``init`` (bf16 on disk, fp32 here; the
+    optimizer starts fresh). ``from_pretrained`` returns a model in eval mode: set back to train."""
+    if init is not None:
+        return WanTransformer3DModel.from_pretrained(init, torch_dtype=torch.float32).to(device).train()
+    return (
+        WanTransformer3DModel.from_config(world_model_config() | (TOY_CONFIG if toy else {}))
+        .to(device)
+        .train()
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="world_model_out", help="output folder")
     parser.add_argument("--toy", action="store_true", help="CPU proof of the recipe (< 2 min)")
@@ -210,6 +244,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clip-frames", type=int, default=None, help="frames per clip (default 16, toy 8)")
     parser.add_argument("--far-frames", type=int, default=None, help="far-context frames (default 4, toy 2)")
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument(
+        "--init", type=Path, default=None, help="start from these weights (a world-model folder): fine-tuning"
+    )
+    parser.add_argument(
+        "--self-context",
+        type=float,
+        default=0.0,
+        help="fraction of clips whose clean context frames are the model's own predictions (default 0)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 100, toy 5)")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--episodes", type=int, default=None, help="training episodes (default 256, toy 8)")
@@ -227,7 +270,19 @@ def parse_args() -> argparse.Namespace:
         "--log-every", type=int, default=None, help="steps per logged loss (default 25, toy 10)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--eval-samplers",
+        choices=("all", "init"),
+        default="all",
+        help="evaluate every candidate sampler (default) or only --init's (faster)",
+    )
+    parser.add_argument(
+        "--context-noise",
+        type=float,
+        default=0.0,
+        help="context frames are noised to a sigma drawn from [0, this] (90%% of them; default 0)",
+    )
+    args = parser.parse_args(argv)
     defaults = dict(
         minutes=(0.6, 6.3), batch=(2, 32), clip_frames=(6, 16), far_frames=(2, 4), episodes=(8, 256),
         episode_frames=(64, 768), eval_episodes=(1, 16), eval_frames=(3, 32), log_every=(2, 25), warmup=(5, 100),
@@ -235,11 +290,24 @@ def parse_args() -> argparse.Namespace:
     for name, (toy, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, toy if args.toy else full)
+    if args.eval_samplers == "init" and (args.init is None or not (args.init / "world_model.json").exists()):
+        raise ValueError("--eval-samplers init needs --init with a world_model.json")
+    if not 0.0 <= args.context_noise <= 1.0:
+        raise ValueError(f"--context-noise must be in [0, 1], got {args.context_noise}")
+    if not 0.0 <= args.self_context <= 1.0:
+        raise ValueError(f"--self-context must be in [0, 1], got {args.self_context}")
     if args.clip_frames <= args.far_frames + 2:
         raise ValueError(
             f"--clip-frames must exceed --far-frames + 2 = {args.far_frames + 2}, got {args.clip_frames}"
         )
     return args
+
+
+def _init_training(init: Path | None) -> dict | None:
+    """The training record of the weights a fine-tuning started from (their ``world_model.json``)."""
+    if init is None or not (init / "world_model.json").exists():
+        return None
+    return json.loads((init / "world_model.json").read_text()).get("training")
 
 
 def make_episodes(count: int, length: int, workers: int, seed_base: int):
@@ -342,8 +410,10 @@ class Trainer:
     """The model's input (frames + action planes), per-token timesteps, rotary positions and mask,
     the diffusion-forcing loss and the dense evaluation rollout."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, self_context: float = 0.0, context_noise: float = 0.0) -> None:
         self.device = device
+        self.self_context = self_context
+        self.context_noise = context_noise
         self.processor = BlockCausalTrainingProcessor()
         self.rotary = None
         self.level_tokens = level_embeddings(**LEVEL_TOKENS).to(device)
@@ -394,19 +464,65 @@ class Trainer:
         if sigma is None:
             sigma = self.sigmas(batch, generator)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        s = sigma[:, None, :, None, None]
+        target = sigma > 0  # the frames with a loss; the others are context
+        x_in, sigma_in = x0, sigma
+        if self.self_context > 0:
+            x_in = self._own_context(model, batch, target, generator)
+        if self.context_noise > 0:
+            # Noise augmentation of the context (GameNGen): most context frames are seen slightly noisy,
+            # at their own timestep, so a rollout can commit its frames re-noised (``context_timestep``)
+            # and the model learns not to copy the fine detail of its past, where its errors live.
+            level = torch.rand(sigma.shape, generator=generator, device=self.device) * self.context_noise
+            keep_clean = torch.rand(sigma.shape, generator=generator, device=self.device) < 0.1
+            sigma_in = torch.where(target, sigma, torch.where(keep_clean, 0.0, level))
+        s = sigma_in[:, None, :, None, None]
         prediction = self.forward(
-            model, (1 - s) * x0 + s * noise, batch["actions"], sigma, batch["positions"], batch["levels"]
+            model, (1 - s) * x_in + s * noise, batch["actions"], sigma_in, batch["positions"], batch["levels"]
         )
         per_frame = ((prediction - (noise - x0)) ** 2).mean(dim=(1, 3, 4))
-        weight = (sigma > 0).float()
+        weight = target.float()
         return (per_frame * weight).sum() / weight.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def _own_context(self, model, batch: dict, target: torch.Tensor, generator) -> torch.Tensor:
+        """Exposure to the model's own errors: the clips' frames ``x0`` with, in a ``self_context``
+        fraction of the clips, every context frame (no loss) but the first replaced by the model's own
+        estimate of it: ``x0_hat`` from one denoising step at a sampler sigma, the whole clip noised
+        that way (block-causal: an estimate sees only the noisy inputs before it). The targets stay the
+        true frames, so the model learns to pull a degraded past (blurred, colour-shifted, as its
+        rollouts drift) back toward true frames instead of copying its errors."""
+        x0 = batch["x0"]
+        batch_size, frames = target.shape
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        pick = torch.rand(batch_size, frames, generator=generator, device=self.device) * len(
+            self.sampler_sigmas
+        )
+        sigma_hat = self.sampler_sigmas[pick.long()].clamp(min=0.02)
+        s_hat = sigma_hat[:, None, :, None, None]
+        noisy = (1 - s_hat) * x0 + s_hat * noise
+        model.eval()
+        try:
+            flow = self.forward(
+                model, noisy, batch["actions"], sigma_hat, batch["positions"], batch["levels"]
+            )
+        finally:
+            model.train()
+        estimate = (noisy - s_hat * flow).clamp(-1, 1)
+        clips = torch.rand(batch_size, generator=generator, device=self.device) < self.self_context
+        replace = clips[:, None] & ~target
+        replace[:, 0] = False
+        return torch.where(replace[:, None, :, None, None], estimate, x0)
 
     @torch.no_grad()
     def validation_loss(self, model, batch: dict) -> float:
         generator = torch.Generator(self.device).manual_seed(2)
         sigma = self.sigmas(batch, generator)
-        return float(self.loss(model, batch, generator, sigma))
+        options = self.self_context, self.context_noise
+        self.self_context = self.context_noise = 0.0  # the plain objective, comparable across runs
+        try:
+            return float(self.loss(model, batch, generator, sigma))
+        finally:
+            self.self_context, self.context_noise = options
 
     @torch.no_grad()
     def rollout(self, model, data: Data, context: int, frames: int, timesteps, shift: float, seed: int = 0):

@@ -114,6 +114,14 @@ def test_rollout_report_figures(demo_run, rollout):
     means = truth.mean(axis=(1, 2, 3))
     low, high = report["true_range"]["mean"]
     assert low <= means.min() and means.max() <= high
+    # progress.json: each method's summary as it finished, the same figures as the final report
+    progress = json.loads((demo_run[0] / "progress.json").read_text())
+    assert list(progress) == list(runs)
+    for method, summary in progress.items():
+        run = runs[method]
+        assert summary["total_s"] == run["total_s"] and summary["kv_cache_bytes"] == run["kv_cache_bytes"]
+        assert summary["psnr_all"] == pytest.approx(run["vs_truth"]["psnr_all"])
+        assert summary["alive"]["pass"] == run["alive"]["pass"]
     bars = report["quality_bars"]
     margin = dense["vs_truth"]["psnr_first32"] - report["copy_last_frame"]["psnr_first32"]
     assert bars["dense_over_copy_last_db"] == pytest.approx(margin)
@@ -194,3 +202,31 @@ def test_tempcache_sweep_quick(rollout, tmp_path):
     winner_line = printed[-2]  # the table, the winner, then where it wrote
     assert winner_line == f"winner: {report['winner']['name']} ({report['winner']['reason']})"
     assert out.with_suffix(".md").read_text().strip().endswith(winner_line)
+
+
+def test_long_rollout_sweep_quick(rollout, tmp_path):
+    """The stability sweep: one row per (context timestep, cache) setting, each world's first exit
+    from the true range consistent with its per-frame statistics, and the winner rule."""
+    out = tmp_path / "long.json"
+    argv = ["--quick", "--frames", "3", "--seeds", "2", "--context-timesteps", "0,500", "--caches", "full,8"]
+    printed = _run("benchmarks/bench_world_model_long.py", *argv, "--out", str(out)).strip().splitlines()
+    report = json.loads(out.read_text())
+    assert [row["name"] for row in report["rows"]] == ["t0/full", "t500/full", "t0/8", "t500/8"]
+    for row in report["rows"]:
+        assert row["worlds"] == 2 and 0 <= row["alive_worlds"] <= 2
+        for world, bounds in zip(row["per_world"], report["ranges"], strict=True):
+            means, stds = np.array(world["per_frame_mean"]), np.array(world["per_frame_std"])
+            inside = (means >= bounds["mean"][0]) & (means <= bounds["mean"][1])
+            inside &= (stds >= bounds["std"][0]) & (stds <= bounds["std"][1])
+            assert world["alive"] == bool(inside.all())
+            assert world["first_exit"] == (None if inside.all() else int(np.argmin(inside)))
+    # a full cache and an 8-frame window hold the same 4 context + 3 frames: identical rollouts
+    full, window = report["rows"][0], report["rows"][2]
+    assert full["psnr_all"] == window["psnr_all"]
+    alive = [r for r in report["rows"] if r["alive_worlds"] == r["worlds"]]
+    expected = max(alive, key=lambda r: r["psnr_first32"])["name"] if alive else None
+    if expected is not None:
+        assert report["winner"]["name"] == expected
+    assert printed[-2] == f"winner: {report['winner']['name']} ({report['winner']['reason']})"
+    with pytest.raises(AssertionError, match="--caches items must be 'full' or an int >= 1"):
+        _run("benchmarks/bench_world_model_long.py", "--quick", "--caches", "full,0", "--out", str(out))

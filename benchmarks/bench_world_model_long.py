@@ -1,0 +1,255 @@
+"""Long-rollout stability of the world model's sampler settings (a script, not a test).
+
+An autoregressive model that conditions on its own outputs can drift: small errors compound until
+the frames leave the distribution it was trained on (texture turns to noise, colours wash out). The
+rollout report's "stays alive" check catches that: every frame's mean and standard deviation must
+stay within the range of true frames. This sweep rolls the shipped world model out densely for
+``--frames`` frames over a batch of game worlds, once per combination of
+
+- ``context_timestep`` (``--context-timesteps``): the timestep at which a finished frame is written
+  into the KV cache. ``0`` commits the clean prediction; above, it is re-noised to that level first,
+  which diffusion forcing trained for (the model saw noisy pasts) and which tells the model not to
+  trust the past's fine detail, the part its own errors live in;
+- the cache (``--caches``): ``full`` (every earlier frame) or an integer ``N``, Self-Forcing's rolling
+  window of ``N`` frames with the context frames as sinks;
+
+and reports per setting: PSNR against the true frames over the first 32 predicted frames and all of
+them, how many worlds stay alive, and the first frame at which a world leaves the true range.
+**Winner**: among settings where every world stays alive, the highest PSNR over the first 32 frames;
+if none, the one whose worlds stay alive longest.
+
+    python benchmarks/bench_world_model_long.py                  # GPU: 8 settings, 4 worlds, 400 frames (~5 min)
+    python benchmarks/bench_world_model_long.py --quick          # 1 world, 4 frames (CPU smoke run)
+    python benchmarks/bench_world_model_long.py --context-timesteps 0,100 --caches full --frames 1000
+
+Writes ``benchmarks/results/world_model_long.json`` and ``.md`` (``--out``) and prints the table last,
+then the winner.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TRITON_INTERPRET", "0")  # CPU: the PyTorch references, not the interpreter
+
+from vidaccel.metrics import psnr  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
+from bench_attention import bench_parser, environment, parse_bench_args, write_report  # noqa: E402
+from world_model_rollout import (  # noqa: E402
+    FIRST,
+    _alive,
+    _finite,
+    add_model_arguments,
+    load_world_model,
+    play,
+    rollout_actions,
+    run_method,
+    true_frame_range,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "world_model_long.json"
+FULL = dict(frames=400, seeds=4, context_timesteps="0,50,100,250", caches="full,21", shifts=None)
+QUICK = dict(frames=4, seeds=1, context_timesteps="0,100", caches="full,6", shifts=None)
+
+
+def main(argv=None) -> dict:
+    parser = bench_parser(__doc__, DEFAULT_OUT)
+    add_model_arguments(parser)
+    parser.add_argument("--frames", type=int, default=None, help="predicted frames (default 400, quick 4)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="game worlds in one batch (default 4, quick 1)"
+    )
+    parser.add_argument(
+        "--context-timesteps",
+        default=None,
+        help="comma-separated commit timesteps in [0, 1000] (default 0,50,100,250)",
+    )
+    parser.add_argument(
+        "--caches",
+        default=None,
+        help="comma-separated: full, or a rolling window in frames (default full,21)",
+    )
+    parser.add_argument(
+        "--shifts", default=None, help="comma-separated flow shifts (default: the model's, world_model.json)"
+    )
+    args = parse_bench_args(parser, argv)
+    spec = dict(QUICK if args.quick else FULL)
+    spec.update({k: getattr(args, k) for k in spec if getattr(args, k) is not None})
+    try:
+        settings = _settings(spec["context_timesteps"], spec["caches"], spec["shifts"])
+    except ValueError as error:
+        parser.error(str(error))
+    if spec["frames"] < 1 or spec["seeds"] < 1:
+        parser.error(f"--frames and --seeds must be >= 1, got {spec['frames']} and {spec['seeds']}")
+
+    pipe = load_world_model(args)
+    context = int(pipe.metadata["context_frames"])
+    started = time.perf_counter()
+    seeds = list(range(args.seed, args.seed + spec["seeds"]))
+    context_actions, actions = rollout_actions("random", context, spec["frames"], args.seed)
+    truth = np.stack([play(seed, 0, context_actions, actions) for seed in seeds])  # [W, T0 + F, 64, 64, 3]
+    truth_pred = truth[:, context:].astype(np.float32) / 255.0
+    ranges = [true_frame_range(truth[w], seed, 0) for w, seed in enumerate(seeds)]
+    warmup = 1 if args.device.type == "cuda" else 0
+    rows = []
+    for index, setting in enumerate(settings):
+        kwargs = {"context_timestep": setting["context_timestep"], "shift": setting["shift"]}
+        if setting["cache"] != "full":
+            kwargs.update(max_cache_frames=setting["cache"], sink_frames=context)
+        chunks, video = run_method(
+            pipe,
+            [],
+            truth[:, :context],
+            context_actions,
+            actions,
+            seed=args.seed,
+            warmup_chunks=warmup,
+            **kwargs,
+        )
+        rows.append(_measure(setting, chunks, video, truth_pred, ranges))
+        print(
+            f"[{index + 1}/{len(settings)}] {_row_line(rows[-1])} ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    report = {
+        **environment(args.device, args.quick, pipe.transformer.dtype),
+        "model": "random weights"
+        if args.random_weights
+        else str(args.model or "shipped (assets/world_model)"),
+        "sampler": {k: pipe.metadata[k] for k in ("denoising_timesteps", "shift")},
+        "settings": {**spec, "context": context, "seeds_list": seeds, "first": FIRST},
+        "ranges": ranges,
+        "rule": "every world alive, then the highest PSNR over the first 32 frames; else alive the longest",
+        "seconds": time.perf_counter() - started,
+        "rows": rows,
+        "winner": _winner(rows),
+    }
+    write_report(args.out, report)
+    table = format_table(report)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return report
+
+
+def _settings(context_timesteps: str, caches: str, shifts: str | None) -> list[dict]:
+    timesteps = [float(t) for t in context_timesteps.split(",")]
+    shift_values = [None] if shifts is None else [float(s) for s in shifts.split(",")]
+    if any(s is not None and not s > 0 for s in shift_values):
+        raise ValueError(f"--shifts must be > 0, got {shifts!r}")
+    if any(not 0 <= t <= 1000 for t in timesteps):
+        raise ValueError(f"--context-timesteps must lie in [0, 1000], got {context_timesteps!r}")
+    windows = []
+    for cache in caches.split(","):
+        if cache == "full":
+            windows.append("full")
+        elif cache.isdigit() and int(cache) >= 1:
+            windows.append(int(cache))
+        else:
+            raise ValueError(f"--caches items must be 'full' or an int >= 1, got {cache!r}")
+    return [
+        {"context_timestep": t, "cache": c, "shift": s}
+        for s in shift_values
+        for c in windows
+        for t in timesteps
+    ]
+
+
+def _first_exit(alive: dict, bounds: dict) -> int | None:
+    """The first predicted frame whose mean or std leaves the true range (or is NaN); None: none does."""
+    means = np.array([np.nan if v is None else v for v in alive["per_frame_mean"]])
+    stds = np.array([np.nan if v is None else v for v in alive["per_frame_std"]])
+    bad = ~((means >= bounds["mean"][0]) & (means <= bounds["mean"][1]))
+    bad |= ~((stds >= bounds["std"][0]) & (stds <= bounds["std"][1]))
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def _measure(
+    setting: dict, chunks: list[dict], video: np.ndarray, truth: np.ndarray, ranges: list[dict]
+) -> dict:
+    worlds = []
+    for w in range(len(video)):
+        alive = _alive(video[w], ranges[w])
+        worlds.append(
+            {
+                "psnr_first32": _finite(psnr(video[w, :FIRST], truth[w, :FIRST])),
+                "psnr_all": _finite(psnr(video[w], truth[w])),
+                "alive": alive["pass"],
+                "nan_frames": alive["nan_frames"],
+                "first_exit": _first_exit(alive, ranges[w]),
+                "per_frame_mean": alive["per_frame_mean"],
+                "per_frame_std": alive["per_frame_std"],
+            }
+        )
+    exits = [w["first_exit"] if w["first_exit"] is not None else len(video[0]) for w in worlds]
+    finite = [w["psnr_first32"] for w in worlds if w["psnr_first32"] is not None]
+    return {
+        "name": f"t{setting['context_timestep']:g}/{setting['cache']}"
+        + ("" if setting["shift"] is None else f"/shift{setting['shift']:g}"),
+        **setting,
+        "psnr_first32": statistics.fmean(finite) if finite else None,
+        "psnr_all": statistics.fmean(
+            [w["psnr_all"] for w in worlds if w["psnr_all"] is not None] or [float("nan")]
+        ),
+        "alive_worlds": sum(w["alive"] for w in worlds),
+        "worlds": len(worlds),
+        "median_alive_frames": statistics.median(exits),
+        "min_alive_frames": min(exits),
+        "seconds": sum(c["latency_s"] for c in chunks),
+        "per_world": worlds,
+    }
+
+
+def _winner(rows: list[dict]) -> dict:
+    alive = [r for r in rows if r["alive_worlds"] == r["worlds"] and r["psnr_first32"] is not None]
+    if alive:
+        best = max(alive, key=lambda r: r["psnr_first32"])
+        return {"name": best["name"], "reason": "every world alive; highest PSNR over the first 32 frames"}
+    best = max(rows, key=lambda r: (r["min_alive_frames"], r["median_alive_frames"]))
+    return {"name": best["name"], "reason": "no setting kept every world alive; alive the longest"}
+
+
+def _row_line(row: dict) -> str:
+    return (
+        f"{row['name']}: PSNR32 {_fmt(row['psnr_first32'])} dB, alive {row['alive_worlds']}/{row['worlds']}, "
+        f"alive frames min {row['min_alive_frames']} median {row['median_alive_frames']:g}"
+    )
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None or value != value else f"{value:{spec}}"
+
+
+def format_table(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"# World-model long-rollout stability: {s['frames']} frames x {s['seeds']} worlds, dense attention",
+        "",
+        f"{report['device']}, {report['dtype']}, sampler {report['sampler']}; {report['date']}. "
+        "context t: the commit timestep of generated frames; cache: full or a rolling window (frames, "
+        "the context frames as sinks); alive: worlds whose every frame's mean and std stay within the true "
+        "frames' range; alive frames: predicted frames before the first exit (min and median over worlds).",
+        "",
+        "| setting | context t | cache | PSNR 32 | PSNR all | alive | alive frames min | median | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['context_timestep']:g} | {r['cache']} | {_fmt(r['psnr_first32'])} | "
+            f"{_fmt(r['psnr_all'])} | {r['alive_worlds']}/{r['worlds']} | {r['min_alive_frames']} | "
+            f"{r['median_alive_frames']:g} | {r['seconds']:.1f} |"
+        )
+    lines += ["", f"winner: {report['winner']['name']} ({report['winner']['reason']})"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

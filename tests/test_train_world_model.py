@@ -1,0 +1,150 @@
+"""The world-model training script's fine-tuning options: ``--init`` (weights loaded, training mode),
+``--self-context`` (the model's own estimates replace context frames only), ``--context-noise``
+(context frames noised, targets untouched), the plain objective when both are off, and bad options."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from vidaccel.pipelines import DEFAULT_WORLD_MODEL, GameEnv, random_actions
+from vidaccel.pipelines.world_model import world_model_config
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "demos" / "train_world_model.py"
+TINY = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2)
+SHIPPED = (DEFAULT_WORLD_MODEL / "diffusion_pytorch_model.safetensors").is_file()
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_world_model", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _setup(train, clip_frames=6, **options):
+    """A tiny model installed in a trainer, and a batch of 2 clips from one short episode."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel.from_config(world_model_config() | TINY).train()
+    trainer = train.Trainer(CPU, **options)
+    trainer.install(model)
+    actions = [0, *random_actions(15, seed=3)]
+    env = GameEnv(3, level=1)
+    frames = np.stack([env.reset(), *env.rollout(actions[1:])])
+    data = train.Data(frames[None], np.array(actions)[None], np.array([1]), CPU)
+    batch = data.sample(2, clip_frames, _gen(1), far_frames=0)
+    return model, trainer, batch
+
+
+def _capture_inputs(trainer):
+    """Record the noisy input and sigma of every model call of ``trainer``."""
+    calls, forward = [], trainer.forward
+
+    def recording(model, noisy, actions, sigma, positions, levels):
+        calls.append((noisy.clone(), sigma.clone()))
+        return forward(model, noisy, actions, sigma, positions, levels)
+
+    trainer.forward = recording
+    return calls
+
+
+def test_options_off_is_the_plain_diffusion_forcing_loss(train):
+    model, trainer, batch = _setup(train)
+    sigma = trainer.sigmas(batch, _gen(2))
+    sigma[:, -1] = 0.5  # at least one frame with a loss
+    loss = trainer.loss(model, batch, _gen(3), sigma)
+    # by hand: x_s = (1 - s) x0 + s eps, target eps - x0, mean over the frames with sigma > 0
+    x0 = batch["x0"]
+    noise = torch.randn(x0.shape, generator=_gen(3))
+    s = sigma[:, None, :, None, None]
+    flow = trainer.forward(
+        model, (1 - s) * x0 + s * noise, batch["actions"], sigma, batch["positions"], batch["levels"]
+    )
+    per_frame = ((flow - (noise - x0)) ** 2).mean(dim=(1, 3, 4))
+    expected = per_frame[sigma > 0].mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+
+
+def test_context_noise_noises_context_frames_only(train):
+    model, plain, batch = _setup(train)
+    sigma = plain.sigmas(batch, _gen(2))
+    sigma[:, :3] = 0.0  # context
+    sigma[:, 3:] = 0.75  # targets
+    plain_calls = _capture_inputs(plain)
+    plain_loss = plain.loss(model, batch, _gen(3), sigma)
+    noisy_trainer = train.Trainer(CPU, context_noise=0.3)
+    noisy_trainer.install(model)
+    noisy_calls = _capture_inputs(noisy_trainer)
+    noisy_loss = noisy_trainer.loss(model, batch, _gen(3), sigma)
+    (plain_in, plain_sigma), (noisy_in, noisy_sigma) = plain_calls[0], noisy_calls[0]
+    target = sigma > 0
+    assert torch.equal(plain_sigma, sigma)
+    assert torch.equal(noisy_sigma[target], sigma[target]), "targets keep their sigma"
+    assert torch.equal(noisy_in[:, :, 3:], plain_in[:, :, 3:]), "targets' inputs are untouched"
+    context_sigma = noisy_sigma[~target]
+    assert context_sigma.min() >= 0 and context_sigma.max() <= 0.3 and (context_sigma > 0).any()
+    moved = noisy_sigma[:, :3] > 0
+    assert not torch.equal(noisy_in[:, :, :3], plain_in[:, :, :3]) and moved.any()
+    assert torch.isfinite(noisy_loss) and not torch.equal(noisy_loss, plain_loss)
+
+
+def test_self_context_replaces_context_frames_but_the_first(train):
+    model, trainer, batch = _setup(train, self_context=1.0)
+    target = torch.zeros(2, 6, dtype=torch.bool)
+    target[:, 4:] = True
+    x_in = trainer._own_context(model, batch, target, _gen(4))
+    x0 = batch["x0"]
+    assert model.training, "the estimate runs in eval mode and the model is set back to train"
+    assert torch.equal(x_in[:, :, 0], x0[:, :, 0]), "the first frame stays true"
+    assert torch.equal(x_in[:, :, 4:], x0[:, :, 4:]), "targets stay true"
+    replaced = x_in[:, :, 1:4]
+    assert replaced.abs().max() <= 1 and not torch.equal(replaced, x0[:, :, 1:4])
+    # an untrained model's estimate differs from every true frame it replaces
+    assert all(not torch.equal(x_in[b, :, f], x0[b, :, f]) for b in range(2) for f in range(1, 4))
+    off = train.Trainer(CPU, self_context=0.0)
+    off.install(model)
+    assert torch.equal(off._own_context(model, batch, target, _gen(4)), x0), "fraction 0: no clip"
+
+
+def test_validation_loss_ignores_the_options(train):
+    model, plain, batch = _setup(train)
+    model.eval()
+    expected = plain.validation_loss(model, batch)
+    both = train.Trainer(CPU, self_context=1.0, context_noise=0.3)
+    both.install(model)
+    assert both.validation_loss(model, batch) == expected
+    assert (both.self_context, both.context_noise) == (1.0, 0.3), "options restored"
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the shipped world model is missing")
+def test_init_loads_the_weights_in_training_mode(train):
+    model = train.build_model(DEFAULT_WORLD_MODEL, False, CPU)
+    assert model.training, "from_pretrained returns eval mode; fine-tuning must train"
+    shipped = WanTransformer3DModel.from_pretrained(DEFAULT_WORLD_MODEL)
+    assert model.dtype == torch.float32
+    for (name, param), (_, ref) in zip(model.named_parameters(), shipped.named_parameters(), strict=True):
+        assert torch.equal(param, ref.float()), name
+    fresh = train.build_model(None, True, CPU)
+    assert fresh.training and fresh.config.num_layers == train.TOY_CONFIG["num_layers"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--self-context", "1.5"], r"--self-context must be in \[0, 1\], got 1.5"),
+        (["--context-noise", "-0.1"], r"--context-noise must be in \[0, 1\], got -0.1"),
+        (["--eval-samplers", "init"], "--eval-samplers init needs --init with a world_model.json"),
+    ],
+)
+def test_bad_options(train, argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(argv)
