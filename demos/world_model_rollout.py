@@ -380,7 +380,7 @@ def format_table(report: dict) -> str:
 def _write_progress(
     path: Path, method: str, run: dict, video: np.ndarray, truth: np.ndarray, true_range: dict
 ):
-    """Append one finished method's summary to ``progress.json`` and print it, so that a long run
+    """Append one finished method's summary to ``progress.json`` and print it (stderr), so that a long run
     that is stopped early keeps what it measured (the full report is written only at the end)."""
     alive = _alive(video, true_range)
     summary = {
@@ -396,7 +396,7 @@ def _write_progress(
     done = json.loads(path.read_text()) if path.exists() else {}
     done[method] = summary
     path.write_text(json.dumps(done, indent=2, allow_nan=False) + "\n")
-    print(f"{method}: {json.dumps(summary)}", flush=True)
+    print(f"{method}: {json.dumps(summary)}", file=sys.stderr, flush=True)
 
 
 def _timing(chunks: list[dict]) -> dict:

@@ -86,6 +86,8 @@ class RolloutState:
         frame_offset: absolute latent frame of the current chunk's first frame.
         frame_index: long ``[S]`` on the model's device: the absolute latent frame of each token of
             the current chunk (raster order), passed to ``KVCache.commit``.
+        steps_per_chunk: denoising steps of every chunk (``context.chunk_step`` runs from 0 to this
+            minus 1), or ``None`` where unknown.
     """
 
     chunk_frames: int
@@ -94,6 +96,7 @@ class RolloutState:
     make_cache: Callable[[], KVCache]
     frame_offset: int = 0
     frame_index: torch.Tensor | None = field(default=None, repr=False)
+    steps_per_chunk: int | None = None
 
     def enter_chunk(self, chunk_index: int, device: torch.device) -> None:
         """Point the state at chunk ``chunk_index``: its frame offset and token frame indices."""
@@ -399,6 +402,7 @@ class CausalWanPipeline(DiffusionPipeline):
             _default_cache_factory(
                 max_cache_frames, sink_frames, (num_chunks - 1) * chunk_frames * tokens_per_frame
             ),
+            steps_per_chunk=len(sigmas),
         )
         context.pipeline_state["rollout"] = rollout
         context.reset_on_timestep_jump = False

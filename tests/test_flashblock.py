@@ -2,6 +2,7 @@
 AnnSA (residual reuse), chain order, state release, configs."""
 
 import dataclasses
+import types
 import warnings
 
 import pytest
@@ -113,6 +114,32 @@ def test_refresh_every_two_reuses_the_refresh_steps_external_part():
             assert rel_err(out, dense) <= TOL
         else:
             assert 1e-3 < rel_err(out, dense) < 0.5
+
+
+def test_refresh_last_recomputes_the_chunks_last_step():
+    """``refresh_last`` recomputes the chunk's last step on top of ``refresh_every``: over 4 steps,
+    ``refresh_every=3`` or ``4`` refresh at 0 and 3; a rollout that does not say its step count
+    refreshes every ``refresh_every`` steps only."""
+    for rollout_state, refresh_every, exact_steps in (
+        (types.SimpleNamespace(steps_per_chunk=4), 3, {0, 3}),
+        (types.SimpleNamespace(steps_per_chunk=4), 4, {0, 3}),
+        ("a rollout without a step count", 4, {0}),
+        (types.SimpleNamespace(steps_per_chunk=3), 4, {0, 2}),
+    ):
+        config = FlashBlockConfig(refresh_every=refresh_every, refresh_last=True)
+        steps, processor = _Steps(), AccelProcessor(config)
+        steps.context.pipeline_state["rollout"] = rollout_state
+        for step in range(rollout_state.steps_per_chunk if not isinstance(rollout_state, str) else 4):
+            call = steps.call(step)
+            error = rel_err(processor.attend(call)[0], steps.dense(call)[0])
+            assert (error <= TOL) == (step in exact_steps), (rollout_state, refresh_every, step, error)
+    steps, processor = _Steps(), AccelProcessor(FlashBlockConfig(refresh_every=2, refresh_last=False))
+    steps.context.pipeline_state["rollout"] = types.SimpleNamespace(steps_per_chunk=4)
+    errors = []
+    for step in range(4):
+        call = steps.call(step)
+        errors.append(rel_err(processor.attend(call)[0], steps.dense(call)[0]))
+    assert errors[0] <= TOL and errors[2] <= TOL and errors[1] > 1e-3 and errors[3] > 1e-3
 
 
 def test_commit_runs_plain_attention_and_drops_the_kept_state():
@@ -259,6 +286,35 @@ def test_rollout_refresh_every_one_equals_dense_and_two_differs_after_the_first_
     assert torch.isfinite(reused).all() and 1e-4 < rel_err(reused, dense) < 0.5
 
 
+def test_rollout_tells_flashblock_its_step_count(causal_pipe, monkeypatch):
+    """CausalWanPipeline publishes its steps per chunk: the default schedule recomputes the external
+    part at the first and the last of the 4 steps, as many refreshes as ``refresh_every=2`` alone."""
+    pipe, embeds = causal_pipe
+    refreshed = []
+    real_refresh = flashblock.FlashBlock._refresh
+
+    def recording(self, *args, **kwargs):
+        refreshed.append(context_of(pipe.transformer).chunk_step)
+        return real_refresh(self, *args, **kwargs)
+
+    monkeypatch.setattr(flashblock.FlashBlock, "_refresh", recording)
+    try:
+        for config, expected in (
+            (FlashBlockConfig(), [0, 3]),
+            (FlashBlockConfig(refresh_every=2, refresh_last=False), [0, 2]),
+            (FlashBlockConfig(refresh_every=2, refresh_last=True), [0, 2, 3]),
+        ):
+            refreshed.clear()
+            vidaccel.apply(pipe, config)
+            out = rollout(pipe, embeds)
+            assert torch.isfinite(out).all()
+            per_layer_and_chunk = 2 * 2  # 2 layers x 2 chunks with a cache
+            assert sorted(set(refreshed)) == expected, config
+            assert len(refreshed) == len(expected) * per_layer_and_chunk, config
+    finally:
+        vidaccel.remove(pipe)
+
+
 def test_rollout_composes_with_tempcache(causal_pipe, monkeypatch):
     """Two chunks: the second attends to the merged cache (log-count bias) through FlashBlock."""
     pipe, embeds = causal_pipe
@@ -335,6 +391,7 @@ def test_outside_a_rollout_calls_run_unchanged_with_one_warning():
         (dict(refresh_every=1.5), r"FlashBlockConfig.refresh_every must be an int in \[1, inf\)"),
         (dict(refresh_every=True), r"FlashBlockConfig.refresh_every must be an int in \[1, inf\)"),
         (dict(offload="yes"), r"FlashBlockConfig.offload must be a bool"),
+        (dict(refresh_last=1), r"FlashBlockConfig.refresh_last must be a bool, got 1"),
     ],
 )
 def test_bad_configuration_raises_a_clear_value_error(kwargs, message):

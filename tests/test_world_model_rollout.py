@@ -230,3 +230,26 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
     assert printed[-2] == f"winner: {report['winner']['name']} ({report['winner']['reason']})"
     with pytest.raises(AssertionError, match="--caches items must be 'full' or an int >= 1"):
         _run("benchmarks/bench_world_model_long.py", "--quick", "--caches", "full,0", "--out", str(out))
+
+
+def test_flashblock_schedule_quick(tmp_path):
+    """The refresh-schedule comparison: dense and the three schedules on one world, each against the
+    truth and the dense rollout, deltas consistent with the per-world figures."""
+    out = tmp_path / "schedule.json"
+    printed = (
+        _run("benchmarks/bench_flashblock_schedule.py", "--quick", "--out", str(out)).strip().splitlines()
+    )
+    report = json.loads(out.read_text())
+    names = [row["name"] for row in report["summary"]]
+    assert names == ["dense", "r2", "r3+last", "r2+last"]
+    dense = report["per_seed"]["dense"]
+    for row in report["summary"]:
+        per_seed = report["per_seed"][row["name"]]
+        assert row["delta_vs_dense_db"] == [
+            r["psnr_vs_truth"] - d["psnr_vs_truth"] for r, d in zip(per_seed, dense, strict=True)
+        ]
+        if row["name"] == "dense":
+            assert row["psnr_vs_dense"] is None and row["delta_vs_dense_db"] == [0.0]
+        else:
+            assert all(math.isfinite(v) for v in row["psnr_vs_dense"])
+    assert printed[-1].startswith("| r2+last | 0, 2, 3 |")

@@ -413,8 +413,14 @@ class FlashBlockConfig(MethodConfig):
     Meaning:
         refresh_every: the external part is recomputed at the chunk steps where
             ``chunk_step % refresh_every == 0`` (>= 1; the first step of every chunk always
-            refreshes). 1 recomputes it every step (exact dense cached attention); the default 2
-            computes it at 2 of Self-Forcing's 4 steps.
+            refreshes). 1 recomputes it every step (exact dense cached attention).
+        refresh_last: also refresh at the chunk's last denoising step, the one that sets the
+            committed frame's detail (where the pipeline says how many steps a chunk has, as
+            ``CausalWanPipeline`` does). The defaults (3, ``True``) refresh Self-Forcing's 4 steps at
+            0 and 3: 2 of 4, the cost of ``refresh_every=2`` alone (steps 0 and 2), with the final
+            step exact. On the game world model (32 frames, 3 worlds, CPU fp32) that moved
+            FlashBlock's PSNR against the dense rollout from 19.3–20.9 dB to 22.9–25.2 dB, and its
+            PSNR against the true frames from 0.07–0.59 dB below dense to 0.2–0.6 dB above.
     Performance:
         offload: keep the kept external outputs in (pinned) CPU memory between steps instead of on
             the GPU (copied back at every non-refresh step; worth it only when memory is tight).
@@ -433,11 +439,14 @@ class FlashBlockConfig(MethodConfig):
     instead (the same size) plus the frozen routing plan of the cache part.
     """
 
-    refresh_every: int = 2
+    refresh_every: int = 3
+    refresh_last: bool = True
     offload: bool = False
 
     def __post_init__(self):
         self.check_range("refresh_every", low=1, integer=True)
+        if not isinstance(self.refresh_last, bool):
+            raise ValueError(f"{type(self).__name__}.refresh_last must be a bool, got {self.refresh_last!r}")
         if not isinstance(self.offload, bool):
             raise ValueError(f"{type(self).__name__}.offload must be a bool, got {self.offload!r}")
 

@@ -7,8 +7,9 @@ In an autoregressive rollout every self-attention call of a chunk's denoising st
 the chunk is committed, and its attention output changes little from step to step; the chunk's
 own part changes a lot. So, per layer and pass:
 
-- at a refresh step (``chunk_step % refresh_every == 0``, always the chunk's first step) the
-  external part ``(O_ext, L_ext)`` is computed and kept in the step context
+- at a refresh step (``chunk_step % refresh_every == 0``, always the chunk's first step, and with
+  ``refresh_last`` the chunk's last step, whose output is committed) the external part
+  ``(O_ext, L_ext)`` is computed and kept in the step context
   (``context.module_state(attn)["flashblock"]``);
 - at every step the internal part ``(O_in, L_in)`` is computed and merged with the kept external
   part by the split-KV identity (:func:`vidaccel.ops.merge_attention`), which is exact: with
@@ -30,7 +31,7 @@ AnnSA as usual.
 Example::
 
     pipe = CausalWanPipeline(transformer, scheduler)
-    vidaccel.apply(pipe, vidaccel.FlashBlockConfig(refresh_every=2), vidaccel.TempCacheConfig())
+    vidaccel.apply(pipe, vidaccel.FlashBlockConfig(), vidaccel.TempCacheConfig())
     video = pipe(prompt_embeds=embeds, num_frames=240, chunk_frames=3).frames
 """
 
@@ -134,7 +135,11 @@ class FlashBlock(Method):
         )  # fmt: skip
         kept = kept_by_pass.get(context.pass_key)
         parts = []
-        if kept is None or kept.signature != signature or step % self.config.refresh_every == 0:
+        if (
+            kept is None
+            or kept.signature != signature
+            or self.refreshes(step, context.pipeline_state["rollout"])
+        ):
             kept, fresh = self._refresh(external, proceed, signature, state)
             kept_by_pass[context.pass_key] = kept
             if fresh is not None:
@@ -149,6 +154,15 @@ class FlashBlock(Method):
         for part_out, part_lse in parts[1:]:
             out, lse = ops.merge_attention(out, lse, part_out, part_lse, backend=call.backend)
         return out, lse
+
+    def refreshes(self, step: int, rollout) -> bool:
+        """Whether chunk step ``step`` recomputes the external part: every ``refresh_every`` steps
+        from the first and, with ``refresh_last``, the chunk's last step (where the rollout says
+        how many steps a chunk has)."""
+        if step % self.config.refresh_every == 0:
+            return True
+        last = getattr(rollout, "steps_per_chunk", None)
+        return self.config.refresh_last and last is not None and step == last - 1
 
     def _refresh(
         self, external: AttentionCall, proceed: Proceed, signature: tuple, state: dict
