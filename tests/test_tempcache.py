@@ -8,6 +8,7 @@ from _tiny import tiny_causal_pipe
 
 import vidaccel
 from vidaccel import TempCacheConfig, TempCacheProcessor
+from vidaccel.cache import TempCacheKV
 from vidaccel.kernels.tempcache import (
     tempcache_match,
     tempcache_match_fwd,
@@ -225,3 +226,48 @@ def test_threshold_one_reproduces_the_dense_cached_rollout(causal_pipe):
     assert [s["first_layer"]["tokens"] for s in everything[:2]] == [2 * 24, 2 * 24]
     assert everything[1]["first_layer"]["merge_rate"] > 0.7
     assert torch.isfinite(collapsed).all() and rel_err(collapsed, dense) > 1e-3
+
+
+def test_cache_is_sized_to_the_rollout_with_the_same_result(causal_pipe, monkeypatch):
+    """A rollout that commits fewer tokens than ``max_tokens`` gets buffers of its own size: the same
+    frames bit for bit as buffers of the whole budget (nothing is evicted either way), less memory."""
+    pipe, embeds = causal_pipe
+    config = TempCacheConfig(threshold=0.9, sink_frames=1, max_tokens=64 * 24)  # budget: 64 frames
+    vidaccel.apply(pipe, config)
+    try:
+        sized_stats, budget_stats = [], []
+        sized = rollout(pipe, embeds, sized_stats)
+        # the earlier behaviour: every cache allocates the whole budget
+        monkeypatch.setattr(
+            vidaccel.processors.tempcache.TempCache,
+            "make_kv_cache",
+            lambda self, rollout=None: TempCacheKV(self.config),
+        )
+        vidaccel.apply(pipe, config)
+        full = rollout(pipe, embeds, budget_stats)
+    finally:
+        vidaccel.remove(pipe)
+    assert torch.equal(sized, full)
+    assert [s["first_layer"] for s in sized_stats] == [s["first_layer"] for s in budget_stats]
+    # 3 chunks of 3 frames of 24 tokens: the last chunk is never committed, so 6 frames = 144 slots
+    # against 1,536, plus one chunk of own-key slots in both
+    assert sized_stats[0]["nbytes"] < budget_stats[0]["nbytes"] / 4
+    cache = TempCacheKV(config, rollout_tokens=6 * 24)
+    assert cache.rollout_tokens == 144
+    with pytest.raises(
+        ValueError, match=r"TempCacheKV.rollout_tokens must be an int in \[0, inf\) or None, got -1"
+    ):
+        TempCacheKV(config, rollout_tokens=-1)
+
+
+def test_rollout_longer_than_the_budget_keeps_the_budget(causal_pipe):
+    """Past the budget the cache holds ``max_tokens`` slots and evicts, as before."""
+    pipe, embeds = causal_pipe
+    vidaccel.apply(pipe, TempCacheConfig(threshold=1.0, sink_frames=1, max_tokens=3 * 24))
+    try:
+        stats = []
+        out = rollout(pipe, embeds, stats)
+    finally:
+        vidaccel.remove(pipe)
+    assert torch.isfinite(out).all()
+    assert stats[-1]["first_layer"]["tokens"] <= 3 * 24 and stats[-1]["first_layer"]["evicted"] > 0

@@ -264,12 +264,17 @@ class TempCacheKV(_BufferedCache):
     Args:
         config: :class:`~vidaccel.config.TempCacheConfig` (threshold, sinks, budget, search scope,
             match keys, per-head decisions; its docstring gives every policy).
+        rollout_tokens: the most tokens the rollout will ever commit to this cache (what a dense
+            cache of it would hold), if known. The buffers then hold ``min(max_tokens,
+            rollout_tokens)`` slots: a rollout shorter than the budget never evicts, so its result is
+            the same, and a small model or a short rollout does not pay for Wan's budget.
 
     Per batch entry and head the cache holds ``n[b, h] <= config.max_tokens`` representatives in slots
     ``0 .. n[b, h] - 1`` (the sinks first). ``extend`` returns ``N = max n[b, h]`` slots followed by the
     call's own keys, with ``key_bias`` fp32 ``[B, H, N + S]``: ``log(count)`` for representatives,
     ``-inf`` for slots a head leaves empty, 0 for the own keys. All buffers are allocated at the first
-    commit (``max_tokens`` slots plus one chunk), so memory stays flat for the whole rollout. A commit
+    commit (``max_tokens`` slots, or fewer for a shorter rollout, plus one chunk), so memory stays flat
+    for the whole rollout. A commit
     runs, per frame, the Triton match and merge kernels (:mod:`vidaccel.kernels.tempcache`; their
     references on CPU) and synchronises with the host only to read the chunk's frame count and ``N``.
 
@@ -278,11 +283,17 @@ class TempCacheKV(_BufferedCache):
     warning.
     """
 
-    def __init__(self, config: TempCacheConfig) -> None:
+    def __init__(self, config: TempCacheConfig, rollout_tokens: int | None = None) -> None:
         if not isinstance(config, TempCacheConfig):
             raise ValueError(f"TempCacheKV needs a vidaccel.TempCacheConfig, got {type(config).__name__}")
+        if rollout_tokens is not None and (
+            not isinstance(rollout_tokens, int) or isinstance(rollout_tokens, bool) or rollout_tokens < 0
+        ):
+            raise ValueError(f"TempCacheKV.rollout_tokens must be an int in [0, inf) or None, got {rollout_tokens!r}")
         super().__init__()
         self.config = config
+        self.rollout_tokens = rollout_tokens
+        self._cap = 0  # slots per batch entry and head, set at the first commit
         self._grid_hw: tuple[int, int] | None = None
         self._sink_tokens = 0
         self._upper = 0  # host-side upper bound of max n[b, h]: eviction is possible only past the budget
@@ -365,6 +376,9 @@ class TempCacheKV(_BufferedCache):
             )
         batch, seq, heads, dim = k.shape
         cap = cfg.max_tokens
+        if self.rollout_tokens is not None:  # never more slots than the rollout commits: no eviction lost
+            cap = min(cap, max(needed, self.rollout_tokens))
+        self._cap = cap
         self._tokens_per_frame = per_frame
         self._sink_tokens = cfg.sink_frames * per_frame
         self._remember_layout(k, v)
@@ -409,7 +423,7 @@ class TempCacheKV(_BufferedCache):
 
         cfg = self.config
         batch, per_frame, heads, dim = k.shape
-        cap = cfg.max_tokens
+        cap = self._cap
         if cfg.per_head:
             keys, reps = m, self._m
         else:  # one decision for all heads: the dot product of the concatenated normalised heads / H

@@ -367,7 +367,9 @@ class TempCacheConfig(MethodConfig):
             0.71 dB); ``True`` matches and merges each head on its own.
 
     Memory: per layer, keys, values and the normalised match keys of ``max_tokens`` slots (plus one
-    chunk) are allocated at the first commit and never grow.
+    chunk) are allocated at the first commit and never grow; a rollout that commits fewer tokens
+    than ``max_tokens`` (a short one, or a small model's) gets only as many slots as it commits,
+    which changes nothing else: it never reaches the budget.
     """
 
     threshold: float = 0.95

@@ -219,7 +219,7 @@ class AccelProcessor:
         ``make_kv_cache()``, else the rollout's own (dense, or a rolling window)."""
         for method in self.methods:
             if hasattr(method, "make_kv_cache"):
-                return method.make_kv_cache()
+                return method.make_kv_cache(rollout)
         return rollout.make_cache()
 
     def _attend(
