@@ -350,7 +350,7 @@ def format_table(report: dict) -> str:
     memory_name = (
         "peak GPU memory (the most of any chunk)"
         if report["device"] != "cpu"
-        else "the KV caches' allocated size (all layers; TempCache allocates its whole budget at once)"
+        else "the KV caches' allocated size (all layers; TempCache allocates its budget, or the rollout's tokens if fewer, at once)"
     )
     lines = [
         f"# World-model rollout: {s['frames']} predicted frames from {s['context']} true context frames",
