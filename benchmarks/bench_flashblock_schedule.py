@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 os.environ.setdefault("TRITON_INTERPRET", "0")  # CPU: the PyTorch references, not the interpreter
 
 from vidaccel import FlashBlockConfig  # noqa: E402
@@ -36,7 +34,7 @@ from vidaccel.metrics import psnr  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
 from bench_attention import bench_parser, environment, parse_bench_args, write_report  # noqa: E402
-from world_model_rollout import add_model_arguments, load_world_model, play, rollout_actions, run_method  # noqa: E402
+from world_model_rollout import add_model_arguments, load_world_model, run_method, world_batch  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "flashblock_schedule.json"
 SCHEDULES = {
@@ -63,9 +61,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     rows = {name: [] for name in ("dense", *SCHEDULES)}
     for seed in seeds:
-        context_actions, actions = rollout_actions("random", context, frames, seed)
-        truth = play(seed, 0, context_actions, actions)
-        true_pred = truth[context:].astype(np.float32) / 255.0
+        context_actions, actions, truth, true_pred = world_batch([seed], context, frames, seed)
+        truth, true_pred = truth[0], true_pred[0]  # one world, its own action walk
         videos = {}
         for name in rows:
             configs = [] if name == "dense" else [FlashBlockConfig(**SCHEDULES[name])]

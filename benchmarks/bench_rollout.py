@@ -520,6 +520,7 @@ def flashblock_layer_section(spec, device, dtype, noise, drift, config) -> tuple
     }
     caches["tempcache"].observe_grid(grid)
     configs = {"flashblock": config, "tempcache": TempCacheConfig()}
+    schedule = config.build()  # FlashBlock's refresh rule, for the report
     provider = "vidaccel_triton" if device.type == "cuda" else "reference"
     timing, fidelity, done = [], [], 0
     for target in spec["layer_frames"]:
@@ -562,7 +563,7 @@ def flashblock_layer_section(spec, device, dtype, noise, drift, config) -> tuple
                 fidelity.append(
                     dict(
                         query_model=model, method=name, cache_frames=target,
-                        refresh=[config.build().refreshes(step, _Chunk(len(steps))) for step in range(len(steps))],
+                        refresh=[schedule.refreshes(step, _Chunk(len(steps))) for step in range(len(steps))],
                         rel_err_vs_dense=[relative_error(o.float(), d.float()) for o, d in zip(outs[name], outs["dense"], strict=True)],
                         rel_err_vs_tempcache=[relative_error(o.float(), t.float()) for o, t in zip(outs[name], outs["tempcache"], strict=True)],
                         external_output_cosine_between_steps=cosine,

@@ -36,8 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 # On CPU the world model runs every op on its PyTorch reference: the Triton interpreter (which
 # bench_attention would select) only slows the sweep down; the kernels have their own tests.
 os.environ.setdefault("TRITON_INTERPRET", "0")
@@ -53,9 +51,8 @@ from world_model_rollout import (  # noqa: E402
     FLAG_DB,
     add_model_arguments,
     load_world_model,
-    play,
-    rollout_actions,
     run_method,
+    world_batch,
 )
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "world_model_tempcache.json"
@@ -118,9 +115,7 @@ def main(argv=None) -> dict:
     # One batch of game worlds (seeds) played with one random action walk: each rollout runs the whole
     # batch at once, and every figure is averaged over the worlds.
     seeds = list(range(args.seed, args.seed + spec["seeds"]))
-    context_actions, actions = rollout_actions("random", context, spec["frames"], args.seed)
-    truth = np.stack([play(seed, 0, context_actions, actions) for seed in seeds])  # [W, T0 + F, 64, 64, 3]
-    truth_pred = truth[:, context:].astype(np.float32) / 255.0
+    context_actions, actions, truth, truth_pred = world_batch(seeds, context, spec["frames"], args.seed)
     rollout = dict(
         context_frames=truth[:, :context], context_actions=context_actions, actions=actions, seed=args.seed
     )

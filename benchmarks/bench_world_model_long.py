@@ -49,10 +49,9 @@ from world_model_rollout import (  # noqa: E402
     _finite,
     add_model_arguments,
     load_world_model,
-    play,
-    rollout_actions,
     run_method,
     true_frame_range,
+    world_batch,
 )
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "world_model_long.json"
@@ -94,9 +93,7 @@ def main(argv=None) -> dict:
     context = int(pipe.metadata["context_frames"])
     started = time.perf_counter()
     seeds = list(range(args.seed, args.seed + spec["seeds"]))
-    context_actions, actions = rollout_actions("random", context, spec["frames"], args.seed)
-    truth = np.stack([play(seed, 0, context_actions, actions) for seed in seeds])  # [W, T0 + F, 64, 64, 3]
-    truth_pred = truth[:, context:].astype(np.float32) / 255.0
+    context_actions, actions, truth, truth_pred = world_batch(seeds, context, spec["frames"], args.seed)
     ranges = [true_frame_range(truth[w], seed, 0) for w, seed in enumerate(seeds)]
     warmup = 1 if args.device.type == "cuda" else 0
     rows = []

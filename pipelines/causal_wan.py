@@ -88,6 +88,8 @@ class RolloutState:
             the current chunk (raster order), passed to ``KVCache.commit``.
         steps_per_chunk: denoising steps of every chunk (``context.chunk_step`` runs from 0 to this
             minus 1), or ``None`` where unknown.
+        committed_tokens: the most tokens the rollout commits to one layer's cache (every chunk but
+            the last), which sizes the dense cache and bounds TempCache's; ``None`` where unknown.
     """
 
     chunk_frames: int
@@ -97,6 +99,7 @@ class RolloutState:
     frame_offset: int = 0
     frame_index: torch.Tensor | None = field(default=None, repr=False)
     steps_per_chunk: int | None = None
+    committed_tokens: int | None = None
 
     def enter_chunk(self, chunk_index: int, device: torch.device) -> None:
         """Point the state at chunk ``chunk_index``: its frame offset and token frame indices."""
@@ -395,14 +398,15 @@ class CausalWanPipeline(DiffusionPipeline):
         num_chunks = context_chunks + math.ceil(latent_frames / chunk_frames)
         chunk_shape = (batch, *chunk_shape)
         context.reset()
+        # every chunk but the last is committed to each layer's cache
+        committed_tokens = (num_chunks - 1) * chunk_frames * tokens_per_frame
         rollout = RolloutState(
             chunk_frames,
             num_chunks,
             tokens_per_frame,
-            _default_cache_factory(
-                max_cache_frames, sink_frames, (num_chunks - 1) * chunk_frames * tokens_per_frame
-            ),
+            _default_cache_factory(max_cache_frames, sink_frames, committed_tokens),
             steps_per_chunk=len(sigmas),
+            committed_tokens=committed_tokens,
         )
         context.pipeline_state["rollout"] = rollout
         context.reset_on_timestep_jump = False

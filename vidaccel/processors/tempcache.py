@@ -40,10 +40,7 @@ class TempCache(Method):
     def make_kv_cache(self, rollout=None) -> TempCacheKV:
         """A new merged cache for one self-attention module of ``rollout`` (a
         :class:`~vidaccel.pipelines.RolloutState`): no larger than the tokens the rollout commits."""
-        tokens = None
-        if all(hasattr(rollout, name) for name in ("num_chunks", "chunk_frames", "tokens_per_frame")):
-            tokens = max(0, rollout.num_chunks - 1) * rollout.chunk_frames * rollout.tokens_per_frame
-        return TempCacheKV(self.config, rollout_tokens=tokens)
+        return TempCacheKV(self.config, rollout_tokens=getattr(rollout, "committed_tokens", None))
 
     def attend(self, call: AttentionCall, proceed: Proceed) -> AttentionResult:
         state = None if call.context is None else call.context.module_state(call.attn)
