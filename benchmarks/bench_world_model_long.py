@@ -2,8 +2,9 @@
 
 An autoregressive model that conditions on its own outputs can drift: small errors compound until
 the frames leave the distribution it was trained on (texture turns to noise, colours wash out). The
-rollout report's "stays alive" check catches that: every frame's mean and standard deviation must
-stay within the range of true frames. This sweep rolls the shipped world model out densely for
+rollout report's "stays alive" check catches that: every frame's mean, standard deviation and edge
+strength (mean absolute difference of adjacent pixels: texture raises it) must stay within the range
+of true frames. This sweep rolls the shipped world model out densely for
 ``--frames`` frames over a batch of game worlds, once per combination of
 
 - ``context_timestep`` (``--context-timesteps``): the timestep at which a finished frame is written
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
 from bench_attention import bench_parser, environment, parse_bench_args, write_report  # noqa: E402
 from world_model_rollout import (  # noqa: E402
+    ALIVE_STATISTICS,
     FIRST,
     _alive,
     _finite,
@@ -161,11 +163,12 @@ def _settings(context_timesteps: str, caches: str, shifts: str | None) -> list[d
 
 
 def _first_exit(alive: dict, bounds: dict) -> int | None:
-    """The first predicted frame whose mean or std leaves the true range (or is NaN); None: none does."""
-    means = np.array([np.nan if v is None else v for v in alive["per_frame_mean"]])
-    stds = np.array([np.nan if v is None else v for v in alive["per_frame_std"]])
-    bad = ~((means >= bounds["mean"][0]) & (means <= bounds["mean"][1]))
-    bad |= ~((stds >= bounds["std"][0]) & (stds <= bounds["std"][1]))
+    """The first predicted frame with a statistic (mean, std, edge) outside the true range, or NaN;
+    None: none is."""
+    bad = np.zeros(len(alive["per_frame_mean"]), dtype=bool)
+    for key in ALIVE_STATISTICS:
+        values = np.array([np.nan if v is None else v for v in alive[f"per_frame_{key}"]])
+        bad |= ~((values >= bounds[key][0]) & (values <= bounds[key][1]))
     return int(np.argmax(bad)) if bad.any() else None
 
 
@@ -184,6 +187,7 @@ def _measure(
                 "first_exit": _first_exit(alive, ranges[w]),
                 "per_frame_mean": alive["per_frame_mean"],
                 "per_frame_std": alive["per_frame_std"],
+                "per_frame_edge": alive["per_frame_edge"],
             }
         )
     exits = [w["first_exit"] if w["first_exit"] is not None else len(video[0]) for w in worlds]
@@ -232,7 +236,7 @@ def format_table(report: dict) -> str:
         "",
         f"{report['device']}, {report['dtype']}, sampler {report['sampler']}; {report['date']}. "
         "context t: the commit timestep of generated frames; cache: full or a rolling window (frames, "
-        "the context frames as sinks); alive: worlds whose every frame's mean and std stay within the true "
+        "the context frames as sinks); alive: worlds whose every frame's mean, std and edge strength stay within the true "
         "frames' range; alive frames: predicted frames before the first exit (min and median over worlds).",
         "",
         "| setting | context t | cache | PSNR 32 | PSNR all | alive | alive frames min | median | s |",

@@ -24,14 +24,21 @@ gets a random absolute position offset (rotary angles as large as a 1,000-frame 
 
 **Fine-tuning for long rollouts** (``--init FOLDER``: start from these weights, fresh optimizer). The
 shipped model's rollouts drift within tens of frames: their frames' mean and contrast leave the range
-of true frames (``benchmarks/bench_world_model_long.py``). Two options target that exposure bias, both
-off by default: ``--self-context P`` replaces, in a fraction P of the clips, the context frames (those
-without a loss) by the model's own one-step estimates of them, so it learns to pull a degraded past
-back toward true frames; ``--context-noise S`` noises context frames to a sigma drawn from [0, S]
-(GameNGen's noise augmentation), for rollouts that commit their frames re-noised
-(``context_timestep``). ``--eval-samplers init`` evaluates only the initial weights' sampler.
+of true frames (``benchmarks/bench_world_model_long.py``). Three options target that exposure bias,
+all off by default:
 
-    python -u demos/train_world_model.py --init assets/world_model --self-context 0.5 --lr 3e-4 \
+- ``--rollout-context P`` (with ``--rollout-every N``): a fraction P of each batch's clips take as
+  context the model's own autoregressive rollout (from 1 to 4 true frames, with the clip's true
+  actions, refilled every N steps). Their targets stay the true frames, so the model learns to pull
+  its drifted past back to the game (DAgger-style). Of the options, only this one has moved the
+  long-rollout figures (``benchmarks/results/world_model_finetune.md``).
+- ``--self-context P`` does the same with the model's one-step estimates of the context frames.
+- ``--context-noise S`` noises context frames to a sigma drawn from [0, S] (GameNGen's noise
+  augmentation), for rollouts that commit their frames re-noised (``context_timestep``).
+
+``--eval-samplers init`` evaluates only the initial weights' sampler.
+
+    python -u demos/train_world_model.py --init assets/world_model --rollout-context 0.5 --lr 3e-4 \
         --warmup 50 --minutes 5 --eval-samplers init --out $OUT/wm
 
 **Output** (``--out``): ``config.json`` + ``diffusion_pytorch_model.safetensors`` (bf16),
@@ -103,14 +110,24 @@ def main() -> None:
     if 2 * num_params > MAX_WEIGHT_BYTES:
         raise ValueError(f"{num_params} parameters exceed {MAX_WEIGHT_BYTES} bytes in bf16")
     ema = copy.deepcopy(model).requires_grad_(False)
-    trainer = Trainer(device, self_context=args.self_context, context_noise=args.context_noise)
+    rollout_sampler = SAMPLERS[0]
+    if args.init is not None and (args.init / "world_model.json").exists():
+        init_meta = json.loads((args.init / "world_model.json").read_text())
+        rollout_sampler = (tuple(init_meta["denoising_timesteps"]), float(init_meta["shift"]))
+    trainer = Trainer(
+        device,
+        self_context=args.self_context,
+        context_noise=args.context_noise,
+        rollout_context=args.rollout_context,
+        rollout_sampler=rollout_sampler,
+    )
     trainer.install(model)
     trainer.install(ema)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     budget = args.minutes * 60
     train_start = time.perf_counter()
-    curve, window, step = [], [], 0
+    curve, window, step, rollout_seconds = [], [], 0, 0.0
     generator = torch.Generator(device).manual_seed(args.seed)
     while (elapsed := time.perf_counter() - train_start) < budget:
         progress = elapsed / budget
@@ -121,7 +138,12 @@ def main() -> None:
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if args.rollout_context > 0 and step % args.rollout_every == 0:
+            started = time.perf_counter()
+            trainer.refresh_rollouts(model, data, args.batch, args.clip_frames, generator)
+            rollout_seconds += time.perf_counter() - started
         batch = data.sample(args.batch, args.clip_frames, generator, far_frames=args.far_frames)
+        batch = trainer.mix_rollouts(batch, generator)
         loss = trainer.loss(model, batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,6 +219,12 @@ def main() -> None:
             "far_context_frames": args.far_frames,
             "self_context": args.self_context,
             "context_noise": args.context_noise,
+            "rollout_context": args.rollout_context,
+            "rollout_every": args.rollout_every,
+            "rollout_sampler": {"denoising_timesteps": list(rollout_sampler[0]), "shift": rollout_sampler[1]}
+            if args.rollout_context
+            else None,
+            "rollout_seconds": round(rollout_seconds, 1),
             "init": None if args.init is None else str(args.init),
             "init_training": _init_training(args.init),
             "lr": args.lr,
@@ -282,6 +310,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="context frames are noised to a sigma drawn from [0, this] (90%% of them; default 0)",
     )
+    parser.add_argument(
+        "--rollout-context",
+        type=float,
+        default=0.0,
+        help="fraction of each batch's clips whose context is the model's own autoregressive rollout "
+        "(targets true; default 0)",
+    )
+    parser.add_argument(
+        "--rollout-every", type=int, default=20, help="steps between rollout-buffer refreshes (default 20)"
+    )
     args = parser.parse_args(argv)
     defaults = dict(
         minutes=(0.6, 6.3), batch=(2, 32), clip_frames=(6, 16), far_frames=(2, 4), episodes=(8, 256),
@@ -296,6 +334,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--context-noise must be in [0, 1], got {args.context_noise}")
     if not 0.0 <= args.self_context <= 1.0:
         raise ValueError(f"--self-context must be in [0, 1], got {args.self_context}")
+    if not 0.0 <= args.rollout_context <= 1.0:
+        raise ValueError(f"--rollout-context must be in [0, 1], got {args.rollout_context}")
+    if args.rollout_every < 1:
+        raise ValueError(f"--rollout-every must be >= 1, got {args.rollout_every}")
     if args.clip_frames <= args.far_frames + 2:
         raise ValueError(
             f"--clip-frames must exceed --far-frames + 2 = {args.far_frames + 2}, got {args.clip_frames}"
@@ -410,10 +452,21 @@ class Trainer:
     """The model's input (frames + action planes), per-token timesteps, rotary positions and mask,
     the diffusion-forcing loss and the dense evaluation rollout."""
 
-    def __init__(self, device: torch.device, self_context: float = 0.0, context_noise: float = 0.0) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        self_context: float = 0.0,
+        context_noise: float = 0.0,
+        rollout_context: float = 0.0,
+        rollout_sampler=SAMPLERS[0],
+    ) -> None:
         self.device = device
         self.self_context = self_context
         self.context_noise = context_noise
+        self.rollout_context = rollout_context
+        self.rollout_sampler = rollout_sampler
+        self.buffer: dict | None = None  # the model's own rollouts (``refresh_rollouts``)
+        self.refreshes = 0
         self.processor = BlockCausalTrainingProcessor()
         self.rotary = None
         self.level_tokens = level_embeddings(**LEVEL_TOKENS).to(device)
@@ -465,9 +518,11 @@ class Trainer:
             sigma = self.sigmas(batch, generator)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         target = sigma > 0  # the frames with a loss; the others are context
-        x_in, sigma_in = x0, sigma
+        # context frames: the clip's (true, or the model's own rollout on ``mix_rollouts``' clips)
+        x_in = torch.where(target[:, None, :, None, None], x0, batch.get("context", x0))
+        sigma_in = sigma
         if self.self_context > 0:
-            x_in = self._own_context(model, batch, target, generator)
+            x_in = self._own_context(model, batch, target, generator, x_in)
         if self.context_noise > 0:
             # Noise augmentation of the context (GameNGen): most context frames are seen slightly noisy,
             # at their own timestep, so a rollout can commit its frames re-noised (``context_timestep``)
@@ -484,7 +539,7 @@ class Trainer:
         return (per_frame * weight).sum() / weight.sum().clamp(min=1)
 
     @torch.no_grad()
-    def _own_context(self, model, batch: dict, target: torch.Tensor, generator) -> torch.Tensor:
+    def _own_context(self, model, batch: dict, target: torch.Tensor, generator, base=None) -> torch.Tensor:
         """Exposure to the model's own errors: the clips' frames ``x0`` with, in a ``self_context``
         fraction of the clips, every context frame (no loss) but the first replaced by the model's own
         estimate of it: ``x0_hat`` from one denoising step at a sampler sigma, the whole clip noised
@@ -509,9 +564,11 @@ class Trainer:
             model.train()
         estimate = (noisy - s_hat * flow).clamp(-1, 1)
         clips = torch.rand(batch_size, generator=generator, device=self.device) < self.self_context
+        if "rolled" in batch:
+            clips &= ~batch["rolled"]  # their context is already the model's own rollout
         replace = clips[:, None] & ~target
         replace[:, 0] = False
-        return torch.where(replace[:, None, :, None, None], estimate, x0)
+        return torch.where(replace[:, None, :, None, None], estimate, x0 if base is None else base)
 
     @torch.no_grad()
     def validation_loss(self, model, batch: dict) -> float:
@@ -527,31 +584,99 @@ class Trainer:
     @torch.no_grad()
     def rollout(self, model, data: Data, context: int, frames: int, timesteps, shift: float, seed: int = 0):
         """Dense rollout of every held-out episode from its first ``context`` true frames with the true
-        actions: uint8 ``[E, frames, 64, 64, 3]``. Each step re-runs the whole sequence (earlier frames
-        clean at timestep 0, the new chunk noisy), which equals the KV-cached rollout."""
+        actions: uint8 ``[E, frames, 64, 64, 3]``."""
         generator = torch.Generator(self.device).manual_seed(seed)
-        sigmas = flow_sigmas(timesteps, shift)
         video = data.frames[:, :context].permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        episodes = video.shape[0]
-        for t in range(context, context + frames, CHUNK_FRAMES):
-            length = t + CHUNK_FRAMES
-            positions = torch.arange(length, device=self.device).expand(episodes, -1)
-            actions = data.actions[:, :length]
-            shape = (episodes, 3, CHUNK_FRAMES, *video.shape[-2:])
+        positions = torch.arange(context + frames, device=self.device).expand(video.shape[0], -1)
+        video = self.generate(
+            model,
+            video,
+            data.actions[:, : context + frames],
+            positions,
+            data.levels,
+            timesteps,
+            shift,
+            generator,
+        )
+        predicted = video[:, :, context : context + frames].permute(0, 2, 3, 4, 1)
+        return ((predicted + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+    @torch.no_grad()
+    def generate(self, model, video, actions, positions, levels, timesteps, shift: float, generator):
+        """Continue the clean frames ``video`` ``[B, 3, T, H, W]`` autoregressively to the length of
+        ``actions``/``positions`` ``[B, L]`` with the sampler ``(timesteps, shift)``. Each step re-runs
+        the whole sequence (earlier frames clean at timestep 0, the new chunk noisy), which equals the
+        KV-cached rollout. Returns ``[B, 3, L, H, W]`` with the first ``T`` frames ``video``'s."""
+        sigmas = flow_sigmas(timesteps, shift)
+        batch, total = actions.shape
+        for t in range(video.shape[2], total, CHUNK_FRAMES):
+            length = min(t + CHUNK_FRAMES, total)
+            shape = (batch, 3, length - t, *video.shape[-2:])
             latents = torch.randn(shape, generator=generator, device=self.device)
             for step, sigma in enumerate(sigmas):
-                sigma_frames = torch.zeros(episodes, length, device=self.device)
+                sigma_frames = torch.zeros(batch, length, device=self.device)
                 sigma_frames[:, t:] = sigma
                 flow = self.forward(
-                    model, torch.cat([video, latents], 2), actions, sigma_frames, positions, data.levels
-                )
+                    model, torch.cat([video, latents], 2), actions[:, :length], sigma_frames,
+                    positions[:, :length], levels,
+                )  # fmt: skip
                 clean = latents - sigma * flow[:, :, t:]
                 if step + 1 < len(sigmas):
                     noise = torch.randn(shape, generator=generator, device=self.device)
                     latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
             video = torch.cat([video, clean.clamp(-1, 1)], 2)
-        predicted = video[:, :, context : context + frames].permute(0, 2, 3, 4, 1)
-        return ((predicted + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return video
+
+    @torch.no_grad()
+    def refresh_rollouts(self, model, data: Data, clips: int, clip_frames: int, generator) -> None:
+        """Fill the rollout buffer: ``clips`` training clips whose frames after a true start (1 to
+        ``CONTEXT_FRAMES`` frames, cycling per refresh) are the model's own autoregressive rollout with
+        the clip's true actions (``rollout_sampler``, the model in eval mode). ``mix_rollouts`` trains
+        on them: the model's drifted past as context, the true frames as targets (DAgger-style
+        correction of exposure bias: the model learns to pull its rollout back to the game)."""
+        batch = data.sample(clips, clip_frames, generator, far_frames=0)
+        start = 1 + self.refreshes % min(CONTEXT_FRAMES, clip_frames - 2)
+        self.refreshes += 1
+        was_training = model.training
+        model.eval()
+        try:
+            batch["context"] = self.generate(
+                model, batch["x0"][:, :, :start], batch["actions"], batch["positions"], batch["levels"],
+                *self.rollout_sampler, generator,
+            )  # fmt: skip
+        finally:
+            model.train(was_training)
+        batch["start"] = start
+        self.buffer = batch
+
+    def mix_rollouts(self, batch: dict, generator) -> dict:
+        """``batch`` with its first ``round(rollout_context * B)`` clips drawn from the rollout buffer
+        (with replacement), each with a clean prefix past its true start, so its targets follow some of
+        the model's own frames; ``batch["context"]`` holds the context frames (the true frames on the
+        other clips) and ``batch["rolled"]`` marks the buffer clips. Unchanged without a buffer."""
+        if self.buffer is None or self.rollout_context <= 0:
+            return batch
+        size, frames = batch["actions"].shape
+        count = round(self.rollout_context * size)
+        if count == 0:
+            return batch
+        pick = (
+            torch.rand(count, generator=generator, device=self.device) * self.buffer["x0"].shape[0]
+        ).long()
+        start = self.buffer["start"]
+        prefix = (
+            start
+            + 1
+            + (torch.rand(count, generator=generator, device=self.device) * (frames - start - 1)).long()
+        )
+        mixed = {key: batch[key].clone() for key in ("x0", "actions", "positions", "levels", "clean")}
+        mixed["context"] = batch.get("context", batch["x0"]).clone()
+        mixed["rolled"] = torch.zeros(size, dtype=torch.bool, device=self.device)
+        for key in ("x0", "actions", "positions", "levels", "context"):
+            mixed[key][:count] = self.buffer[key][pick]
+        mixed["clean"][:count] = torch.arange(frames, device=self.device)[None, :] < prefix[:, None]
+        mixed["rolled"][:count] = True
+        return mixed
 
 
 def evaluate(trainer: Trainer, model, data: Data, frames: int, samplers) -> dict:

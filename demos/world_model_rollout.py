@@ -22,8 +22,8 @@ It writes to ``--out``:
   writer where imageio-ffmpeg is missing), and ``frame.png`` (one such frame; ``--frame-png``);
 - ``latency_memory.png``: per-chunk latency and memory (peak GPU memory on CUDA, else the KV caches);
 - ``psnr.png``: per-frame PSNR against the true frames, each method and the copy-last-frame baseline;
-- ``alive.png``: per-frame mean and standard deviation of each method's frames within the range of
-  the true frames' (the "stays alive" check of long rollouts; the range spans the clip's true frames
+- ``alive.png``: per-frame mean, standard deviation and edge strength of each method's frames within
+  the range of the true frames' (the "stays alive" check of long rollouts; the range spans the clip's true frames
   and a 1,000-frame random walk in the same world, so that a short clip's narrow range does not fail
   a healthy rollout);
 - ``report.json`` and ``report.md``: per method the total time, per-chunk latency, speed-up over
@@ -71,6 +71,7 @@ FIRST = 32  # the quality bars' "first 32 predicted frames"
 FLAG_DB = 0.5  # a method losing more than this against dense over the first 32 frames is flagged
 COPY_LAST_MARGIN_DB = 2.0  # dense must beat the copy-last-frame baseline by this much
 REFERENCE_FRAMES = 1000  # true frames of the stays-alive range beyond the clip's own
+ALIVE_STATISTICS = ("mean", "std", "edge")  # per-frame statistics the stays-alive check bounds
 FPS = 16
 # The plots' reference lines (the methods take the shared method colours).
 REFERENCE_COLORS = {
@@ -296,12 +297,27 @@ def run_method(
 
 
 def true_frame_range(truth: np.ndarray, seed: int, level: int) -> dict:
-    """``{"mean": [low, high], "std": [low, high]}``: the range of the per-frame mean and standard
-    deviation (pixels in [0, 1]) of the true frames ``truth`` (uint8 ``[T, 64, 64, 3]``) and of a
+    """``{"mean": [low, high], "std": [low, high], "edge": [low, high]}``: the range of each of
+    :func:`frame_statistics` over the true frames ``truth`` (uint8 ``[T, 64, 64, 3]``) and a
     :data:`REFERENCE_FRAMES`-frame random walk in the same world and level."""
     reference = play(seed, level, [ACTIONS.index("noop")], random_actions(REFERENCE_FRAMES, seed=seed + 1))
     frames = np.concatenate([truth, reference]).astype(np.float32) / 255.0
-    return {"mean": _bounds(frames.mean(axis=(1, 2, 3))), "std": _bounds(frames.std(axis=(1, 2, 3)))}
+    return {key: _bounds(values) for key, values in frame_statistics(frames).items()}
+
+
+def frame_statistics(frames: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-frame statistics of ``frames`` ``[T, H, W, 3]`` (pixels in [0, 1]) that the stays-alive
+    check bounds: ``mean`` and ``std`` (a fade, a colour drift, a loss of contrast) and ``edge``, the
+    mean absolute difference of horizontally and vertically adjacent pixels (the fine structure: a
+    collapse to texture raises it with mean and std unchanged, a collapse to blur lowers it)."""
+    frames = frames.astype(np.float32, copy=False)
+    across = np.abs(np.diff(frames, axis=2)).mean(axis=(1, 2, 3))
+    down = np.abs(np.diff(frames, axis=1)).mean(axis=(1, 2, 3))
+    return {
+        "mean": frames.mean(axis=(1, 2, 3)),
+        "std": frames.std(axis=(1, 2, 3)),
+        "edge": (across + down) / 2,
+    }
 
 
 def method_configs(method: str, args) -> tuple[list, dict]:
@@ -371,7 +387,7 @@ def format_table(report: dict) -> str:
         f"PSNR/SSIM against the game's true frames (dB; 32: the first {first} predicted frames, squared error "
         f"pooled over frames); 'vs dense 32': PSNR against the dense rollout; chunk ms: median per-chunk latency "
         f"(the first chunk includes the context prefill); memory: {memory_name}; merge: TempCache's "
-        f"merge rate (first layer); alive: no NaN and every frame's mean and std within the true frames' range; "
+        f"merge rate (first layer); alive: no NaN and every frame's mean, std and edge strength within the true frames' range; "
         f"flag: loses more than {FLAG_DB} dB against dense over the first {first} frames.",
         "",
         "Quality bars: dense beats copy-last-frame by "
@@ -430,21 +446,15 @@ def _fidelity(video: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def _alive(video: np.ndarray, true_range: dict) -> dict:
-    """The stays-alive check: no NaN frame, every frame's mean and std within the true frames' range."""
-    means, stds = video.mean(axis=(1, 2, 3)), video.std(axis=(1, 2, 3))
+    """The stays-alive check: no NaN frame, and every frame's mean, std and edge strength
+    (:func:`frame_statistics`) within the true frames' range."""
     nan_frames = int((~np.isfinite(video).all(axis=(1, 2, 3))).sum())
-
-    def inside(values, bounds):
-        return bool(np.all((values >= bounds[0]) & (values <= bounds[1])))
-
-    result = {
-        "nan_frames": nan_frames,
-        "mean_in_range": inside(means, true_range["mean"]),
-        "std_in_range": inside(stds, true_range["std"]),
-        "per_frame_mean": [_finite(v) for v in means],
-        "per_frame_std": [_finite(v) for v in stds],
-    }
-    result["pass"] = nan_frames == 0 and result["mean_in_range"] and result["std_in_range"]
+    result = {"nan_frames": nan_frames}
+    for key, values in frame_statistics(video).items():
+        low, high = true_range[key]
+        result[f"{key}_in_range"] = bool(np.all((values >= low) & (values <= high)))
+        result[f"per_frame_{key}"] = [_finite(v) for v in values]
+    result["pass"] = nan_frames == 0 and all(result[f"{key}_in_range"] for key in ALIVE_STATISTICS)
     return result
 
 
@@ -469,8 +479,10 @@ def _psnr_series(runs: dict, baseline: dict) -> dict:
 def _alive_panels(runs: dict, truth: np.ndarray, true_range: dict) -> list:
     frames = len(truth)
     panels = []
-    for key, title in (("mean", "per-frame mean"), ("std", "per-frame std")):
-        series = {"truth": list(getattr(truth, key)(axis=(1, 2, 3)))}
+    true_stats = frame_statistics(truth)
+    for key in ALIVE_STATISTICS:
+        title = f"per-frame {key}"
+        series = {"truth": list(true_stats[key])}
         series.update(
             {
                 m: [math.nan if v is None else v for v in run["alive"][f"per_frame_{key}"]]

@@ -1,6 +1,7 @@
 """The world-model training script's fine-tuning options: ``--init`` (weights loaded, training mode),
 ``--self-context`` (the model's own estimates replace context frames only), ``--context-noise``
-(context frames noised, targets untouched), the plain objective when both are off, and bad options."""
+(context frames noised, targets untouched), ``--rollout-context`` (the model's own autoregressive
+rollout as context, true targets), the plain objective when all are off, and bad options."""
 
 import importlib.util
 from pathlib import Path
@@ -143,8 +144,75 @@ def test_init_loads_the_weights_in_training_mode(train):
         (["--self-context", "1.5"], r"--self-context must be in \[0, 1\], got 1.5"),
         (["--context-noise", "-0.1"], r"--context-noise must be in \[0, 1\], got -0.1"),
         (["--eval-samplers", "init"], "--eval-samplers init needs --init with a world_model.json"),
+        (["--rollout-context", "2"], r"--rollout-context must be in \[0, 1\], got 2.0"),
+        (["--rollout-every", "0"], "--rollout-every must be >= 1, got 0"),
     ],
 )
 def test_bad_options(train, argv, message):
     with pytest.raises(ValueError, match=message):
         train.parse_args(argv)
+
+
+def _rollout_trainer(train, model, rollout_context=0.5):
+    trainer = train.Trainer(CPU, rollout_context=rollout_context, rollout_sampler=((1000, 500), 1.0))
+    trainer.install(model)
+    return trainer
+
+
+def test_generate_is_causal_and_keeps_the_given_frames(train):
+    model, _, batch = _setup(train, clip_frames=6)
+    model.eval()
+    trainer = _rollout_trainer(train, model)
+    args = batch["actions"], batch["positions"], batch["levels"], (1000, 500), 1.0
+    start = batch["x0"][:, :, :2]
+    full = trainer.generate(model, start, *args, _gen(5))
+    short = trainer.generate(
+        model, start, batch["actions"][:, :4], batch["positions"][:, :4], *args[2:], _gen(5)
+    )
+    assert full.shape == batch["x0"].shape and torch.equal(full[:, :, :2], start)
+    assert full.abs().max() <= 1 and not torch.equal(full[:, :, 2:], batch["x0"][:, :, 2:])
+    # block-causal: a frame does not depend on the frames generated after it
+    torch.testing.assert_close(full[:, :, :4], short, rtol=0, atol=1e-5)
+
+
+def test_rollout_context_trains_true_targets_on_the_models_own_past(train):
+    model, _, batch = _setup(train, clip_frames=6)
+    trainer = _rollout_trainer(train, model, rollout_context=0.5)
+    assert trainer.mix_rollouts(batch, _gen(6)) is batch, "no buffer yet: unchanged"
+    data_frames = batch["x0"]
+    trainer.refresh_rollouts(model, _data(train), clips=3, clip_frames=6, generator=_gen(7))
+    assert model.training, "the rollout runs in eval mode and the mode is restored"
+    buffer, start = trainer.buffer, trainer.buffer["start"]
+    assert start == 1 and torch.equal(buffer["context"][:, :, :start], buffer["x0"][:, :, :start])
+    assert not torch.equal(buffer["context"][:, :, start:], buffer["x0"][:, :, start:])
+    mixed = trainer.mix_rollouts(batch, _gen(8))
+    assert mixed["rolled"].tolist() == [True, False], "round(0.5 * 2) clips from the buffer"
+    assert torch.equal(mixed["x0"][1], data_frames[1]) and torch.equal(mixed["context"][1], data_frames[1])
+    prefix = int(mixed["clean"][0].sum())
+    assert start < prefix < 6 and mixed["clean"][0, :prefix].all()
+    row = [i for i in range(3) if torch.equal(buffer["x0"][i], mixed["x0"][0])]
+    assert row and torch.equal(mixed["context"][0], buffer["context"][row[0]])
+    # the loss sees the rollout as context and the true frames (noised) as targets
+    calls = _capture_inputs(trainer)
+    sigma = trainer.sigmas(mixed, _gen(9))
+    sigma[:, -1] = 0.5
+    loss = trainer.loss(model, mixed, _gen(10), sigma)
+    noisy, _ = calls[0]
+    context = ~(sigma > 0)
+    assert torch.equal(noisy[0][:, context[0]], mixed["context"][0][:, context[0]])
+    noise = torch.randn(mixed["x0"].shape, generator=_gen(10))
+    expected_target = 0.5 * mixed["x0"][:, :, -1] + 0.5 * noise[:, :, -1]
+    torch.testing.assert_close(noisy[:, :, -1], expected_target, rtol=0, atol=1e-6)
+    assert torch.isfinite(loss)
+    # self-context leaves the rolled clips' context alone
+    both = train.Trainer(CPU, self_context=1.0, rollout_context=0.5)
+    both.install(model)
+    x_in = both._own_context(model, mixed, sigma > 0, _gen(11), mixed["context"])
+    assert torch.equal(x_in[0], mixed["context"][0]) and not torch.equal(x_in[1], mixed["context"][1])
+
+
+def _data(train):
+    actions = [0, *random_actions(23, seed=4)]
+    env = GameEnv(4, level=2)
+    frames = np.stack([env.reset(), *env.rollout(actions[1:])])
+    return train.Data(frames[None], np.array(actions)[None], np.array([2]), CPU)

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from vidaccel.metrics import psnr
-from vidaccel.pipelines.game import ACTIONS
+from vidaccel.pipelines.game import ACTIONS, random_actions
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES, CONTEXT = 2, 1
@@ -99,7 +99,10 @@ def test_rollout_report_figures(demo_run, rollout):
         assert run["flagged"] == (run["loss_vs_dense_first32_db"] > rollout.FLAG_DB)
         alive = run["alive"]
         assert alive["pass"] == (
-            alive["nan_frames"] == 0 and alive["mean_in_range"] and alive["std_in_range"]
+            alive["nan_frames"] == 0
+            and alive["mean_in_range"]
+            and alive["std_in_range"]
+            and alive["edge_in_range"]
         )
 
     # The truth and the copy-last-frame baseline, recomputed from the recorded actions.
@@ -215,9 +218,10 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
     for row in report["rows"]:
         assert row["worlds"] == 2 and 0 <= row["alive_worlds"] <= 2
         for world, bounds in zip(row["per_world"], report["ranges"], strict=True):
-            means, stds = np.array(world["per_frame_mean"]), np.array(world["per_frame_std"])
-            inside = (means >= bounds["mean"][0]) & (means <= bounds["mean"][1])
-            inside &= (stds >= bounds["std"][0]) & (stds <= bounds["std"][1])
+            inside = np.ones(3, dtype=bool)
+            for key in ("mean", "std", "edge"):
+                values = np.array(world[f"per_frame_{key}"])
+                inside &= (values >= bounds[key][0]) & (values <= bounds[key][1])
             assert world["alive"] == bool(inside.all())
             assert world["first_exit"] == (None if inside.all() else int(np.argmin(inside)))
     # a full cache and an 8-frame window hold the same 4 context + 3 frames: identical rollouts
@@ -253,3 +257,28 @@ def test_flashblock_schedule_quick(tmp_path):
         else:
             assert all(math.isfinite(v) for v in row["psnr_vs_dense"])
     assert printed[-1].startswith("| r2+last | 0, 2, 3 |")
+
+
+def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
+    """A frame collapsed to texture (a true frame's pixels shuffled: mean and std exactly the truth's)
+    fails the stays-alive check on edge strength; a blurred one too; the true frames pass."""
+    truth = rollout.play(3, 0, [0], random_actions(40, seed=3))
+    true_range = rollout.true_frame_range(truth, 3, 0)
+    frames = truth[1:].astype(np.float32) / 255.0
+    assert rollout._alive(frames, true_range)["pass"]
+    rng = np.random.default_rng(0)
+    texture = frames.copy()
+    flat = texture[-1].reshape(-1, 3)
+    texture[-1] = flat[rng.permutation(len(flat))].reshape(texture[-1].shape)
+    stats = rollout.frame_statistics(texture[-1:])
+    np.testing.assert_allclose(stats["mean"], rollout.frame_statistics(frames[-1:])["mean"], rtol=1e-5)
+    alive = rollout._alive(texture, true_range)
+    assert alive["mean_in_range"] and alive["std_in_range"]
+    assert not alive["edge_in_range"] and not alive["pass"]
+    assert alive["per_frame_edge"][-1] > true_range["edge"][1]
+    blurred = frames.copy()
+    blurred[-1] = blurred[-1].mean(axis=(0, 1), keepdims=True)  # flat: no structure at all
+    assert not rollout._alive(blurred, true_range)["edge_in_range"]
+    nan = frames.copy()
+    nan[0, 0, 0, 0] = np.nan
+    assert rollout._alive(nan, true_range)["nan_frames"] == 1 and not rollout._alive(nan, true_range)["pass"]
