@@ -34,7 +34,13 @@ from vidaccel.metrics import psnr  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
 from bench_attention import bench_parser, environment, parse_bench_args, write_report  # noqa: E402
-from world_model_rollout import add_model_arguments, load_world_model, run_method, world_batch  # noqa: E402
+from world_model_rollout import (  # noqa: E402
+    add_model_arguments,
+    add_world_arguments,
+    load_world_model,
+    run_method,
+    world_batch,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "flashblock_schedule.json"
 SCHEDULES = {
@@ -47,10 +53,7 @@ SCHEDULES = {
 def main(argv=None) -> dict:
     parser = bench_parser(__doc__, DEFAULT_OUT)
     add_model_arguments(parser)
-    parser.add_argument("--frames", type=int, default=None, help="predicted frames (default 32, quick 2)")
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="game worlds, one after another (default 3, quick 1)"
-    )
+    add_world_arguments(parser, frames=(32, 2), seeds=(3, 1), batched=False)
     args = parse_bench_args(parser, argv)
     frames = args.frames or (2 if args.quick else 32)
     seeds = list(range(args.seed, args.seed + (args.seeds or (1 if args.quick else 3))))

@@ -50,6 +50,7 @@ from world_model_rollout import (  # noqa: E402
     FIRST,
     FLAG_DB,
     add_model_arguments,
+    add_world_arguments,
     load_world_model,
     run_method,
     world_batch,
@@ -71,14 +72,8 @@ CHOICES = {
 def main(argv=None) -> dict:
     parser = bench_parser(__doc__, DEFAULT_OUT)
     add_model_arguments(parser)
-    parser.add_argument(
-        "--frames", type=int, default=None, help="predicted frames per rollout (default 96, quick 4)"
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="game worlds (seeds), rolled out as one batch (default 4, quick 1)",
+    add_world_arguments(
+        parser, frames=(FULL["frames"], QUICK["frames"]), seeds=(FULL["seeds"], QUICK["seeds"]), batched=True
     )
     parser.add_argument("--thresholds", default=None, help="comma-separated τ values (default 0.9,0.95,0.98)")
     parser.add_argument(

@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
 from bench_attention import bench_parser, environment, parse_bench_args, write_report  # noqa: E402
 from world_model_rollout import (  # noqa: E402
-    ALIVE_STATISTICS,
     FIRST,
     _alive,
     _finite,
     add_model_arguments,
+    add_world_arguments,
     load_world_model,
     run_method,
     true_frame_range,
@@ -64,9 +64,8 @@ QUICK = dict(frames=4, seeds=1, context_timesteps="0,100", caches="full,6", shif
 def main(argv=None) -> dict:
     parser = bench_parser(__doc__, DEFAULT_OUT)
     add_model_arguments(parser)
-    parser.add_argument("--frames", type=int, default=None, help="predicted frames (default 400, quick 4)")
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="game worlds in one batch (default 4, quick 1)"
+    add_world_arguments(
+        parser, frames=(FULL["frames"], QUICK["frames"]), seeds=(FULL["seeds"], QUICK["seeds"]), batched=True
     )
     parser.add_argument(
         "--context-timesteps",
@@ -162,16 +161,6 @@ def _settings(context_timesteps: str, caches: str, shifts: str | None) -> list[d
     ]
 
 
-def _first_exit(alive: dict, bounds: dict) -> int | None:
-    """The first predicted frame with a statistic (mean, std, edge) outside the true range, or NaN;
-    None: none is."""
-    bad = np.zeros(len(alive["per_frame_mean"]), dtype=bool)
-    for key in ALIVE_STATISTICS:
-        values = np.array([np.nan if v is None else v for v in alive[f"per_frame_{key}"]])
-        bad |= ~((values >= bounds[key][0]) & (values <= bounds[key][1]))
-    return int(np.argmax(bad)) if bad.any() else None
-
-
 def _measure(
     setting: dict, chunks: list[dict], video: np.ndarray, truth: np.ndarray, ranges: list[dict]
 ) -> dict:
@@ -184,10 +173,8 @@ def _measure(
                 "psnr_all": _finite(psnr(video[w], truth[w])),
                 "alive": alive["pass"],
                 "nan_frames": alive["nan_frames"],
-                "first_exit": _first_exit(alive, ranges[w]),
-                "per_frame_mean": alive["per_frame_mean"],
-                "per_frame_std": alive["per_frame_std"],
-                "per_frame_edge": alive["per_frame_edge"],
+                "first_exit": alive["first_exit"],
+                **{key: value for key, value in alive.items() if key.startswith("per_frame_")},
             }
         )
     exits = [w["first_exit"] if w["first_exit"] is not None else len(video[0]) for w in worlds]

@@ -51,6 +51,7 @@ PSNR of the first predicted frames with copying the last context frame.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -519,7 +520,8 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         target = sigma > 0  # the frames with a loss; the others are context
         # context frames: the clip's (true, or the model's own rollout on ``mix_rollouts``' clips)
-        x_in = torch.where(target[:, None, :, None, None], x0, batch.get("context", x0))
+        context = batch.get("context")
+        x_in = x0 if context is None else torch.where(target[:, None, :, None, None], x0, context)
         sigma_in = sigma
         if self.self_context > 0:
             x_in = self._own_context(model, batch, target, generator, x_in)
@@ -555,13 +557,10 @@ class Trainer:
         sigma_hat = self.sampler_sigmas[pick.long()].clamp(min=0.02)
         s_hat = sigma_hat[:, None, :, None, None]
         noisy = (1 - s_hat) * x0 + s_hat * noise
-        model.eval()
-        try:
+        with _eval_mode(model):
             flow = self.forward(
                 model, noisy, batch["actions"], sigma_hat, batch["positions"], batch["levels"]
             )
-        finally:
-            model.train()
         estimate = (noisy - s_hat * flow).clamp(-1, 1)
         clips = torch.rand(batch_size, generator=generator, device=self.device) < self.self_context
         if "rolled" in batch:
@@ -637,15 +636,11 @@ class Trainer:
         batch = data.sample(clips, clip_frames, generator, far_frames=0)
         start = 1 + self.refreshes % min(CONTEXT_FRAMES, clip_frames - 2)
         self.refreshes += 1
-        was_training = model.training
-        model.eval()
-        try:
+        with _eval_mode(model):
             batch["context"] = self.generate(
                 model, batch["x0"][:, :, :start], batch["actions"], batch["positions"], batch["levels"],
                 *self.rollout_sampler, generator,
             )  # fmt: skip
-        finally:
-            model.train(was_training)
         batch["start"] = start
         self.buffer = batch
 
@@ -677,6 +672,17 @@ class Trainer:
         mixed["clean"][:count] = torch.arange(frames, device=self.device)[None, :] < prefix[:, None]
         mixed["rolled"][:count] = True
         return mixed
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model`` in eval mode inside the block, back in its previous mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def evaluate(trainer: Trainer, model, data: Data, frames: int, samplers) -> dict:

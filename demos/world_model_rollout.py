@@ -447,14 +447,19 @@ def _fidelity(video: np.ndarray, truth: np.ndarray) -> dict:
 
 def _alive(video: np.ndarray, true_range: dict) -> dict:
     """The stays-alive check: no NaN frame, and every frame's mean, std and edge strength
-    (:func:`frame_statistics`) within the true frames' range."""
-    nan_frames = int((~np.isfinite(video).all(axis=(1, 2, 3))).sum())
-    result = {"nan_frames": nan_frames}
+    (:func:`frame_statistics`) within the true frames' range; ``first_exit``: the first frame that
+    is NaN or has a statistic outside the range (``None``: none)."""
+    finite = np.isfinite(video).all(axis=(1, 2, 3))
+    outside = ~finite
+    result = {"nan_frames": int(outside.sum())}
     for key, values in frame_statistics(video).items():
         low, high = true_range[key]
-        result[f"{key}_in_range"] = bool(np.all((values >= low) & (values <= high)))
+        inside = (values >= low) & (values <= high)
+        outside |= ~inside
+        result[f"{key}_in_range"] = bool(inside.all())
         result[f"per_frame_{key}"] = [_finite(v) for v in values]
-    result["pass"] = nan_frames == 0 and all(result[f"{key}_in_range"] for key in ALIVE_STATISTICS)
+    result["first_exit"] = int(np.argmax(outside)) if outside.any() else None
+    result["pass"] = result["first_exit"] is None
     return result
 
 
@@ -546,6 +551,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="the shipped config with random weights (smoke runs, tests)",
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def add_world_arguments(
+    parser: argparse.ArgumentParser, *, frames: tuple[int, int], seeds: tuple[int, int], batched: bool
+) -> None:
+    """A world-model benchmark's ``--frames`` and ``--seeds`` (``None`` when not given; ``frames`` and
+    ``seeds`` are the (full, quick) defaults the help states); ``batched``: the worlds run as one
+    batch, else one after another."""
+    parser.add_argument(
+        "--frames", type=int, default=None, help=f"predicted frames (default {frames[0]}, quick {frames[1]})"
+    )
+    how = "rolled out as one batch" if batched else "one after another"
+    parser.add_argument(
+        "--seeds", type=int, default=None, help=f"game worlds, {how} (default {seeds[0]}, quick {seeds[1]})"
+    )
 
 
 def load_world_model(args: argparse.Namespace) -> WorldModelPipeline:

@@ -276,9 +276,12 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
     assert alive["mean_in_range"] and alive["std_in_range"]
     assert not alive["edge_in_range"] and not alive["pass"]
     assert alive["per_frame_edge"][-1] > true_range["edge"][1]
+    assert alive["first_exit"] == len(frames) - 1, "the first frame outside the range: the texture"
     blurred = frames.copy()
     blurred[-1] = blurred[-1].mean(axis=(0, 1), keepdims=True)  # flat: no structure at all
     assert not rollout._alive(blurred, true_range)["edge_in_range"]
     nan = frames.copy()
     nan[0, 0, 0, 0] = np.nan
-    assert rollout._alive(nan, true_range)["nan_frames"] == 1 and not rollout._alive(nan, true_range)["pass"]
+    nan_alive = rollout._alive(nan, true_range)
+    assert nan_alive["nan_frames"] == 1 and nan_alive["first_exit"] == 0 and not nan_alive["pass"]
+    assert rollout._alive(frames, true_range)["first_exit"] is None
