@@ -13,15 +13,20 @@ of true frames. This sweep rolls the shipped world model out densely for
   trust the past's fine detail, the part its own errors live in;
 - the cache (``--caches``): ``full`` (every earlier frame) or an integer ``N``, Self-Forcing's rolling
   window of ``N`` frames with the context frames as sinks;
+- optionally the sampler (``--shifts``, ``--timesteps``): the flow shift and the denoising timesteps
+  (default: the model's, ``world_model.json``). Ending lower (``...,250,100,40,20``) leaves less
+  residual noise in each frame, the error a model that copies its past accumulates;
 
 and reports per setting: PSNR against the true frames over the first 32 predicted frames and all of
-them, how many worlds stay alive, and the first frame at which a world leaves the true range.
+them, how many worlds stay alive, the first frame at which a world leaves the true range, and the share
+of frames whose mean, std and edge strength lie within it.
 **Winner**: among settings where every world stays alive, the highest PSNR over the first 32 frames;
 if none, the one whose worlds stay alive longest.
 
     python benchmarks/bench_world_model_long.py                  # GPU: 8 settings, 4 worlds, 400 frames (~5 min)
     python benchmarks/bench_world_model_long.py --quick          # 1 world, 4 frames (CPU smoke run)
     python benchmarks/bench_world_model_long.py --context-timesteps 0,100 --caches full --frames 1000
+    python benchmarks/bench_world_model_long.py --context-timesteps 0 --caches full,8 --timesteps "1000,750,500,250;1000,750,500,250,150"
 
 Writes ``benchmarks/results/world_model_long.json`` and ``.md`` (``--out``) and prints the table last,
 then the winner.
@@ -45,20 +50,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
 from bench_attention import bench_parser, environment, parse_bench_args, write_report  # noqa: E402
 from world_model_rollout import (  # noqa: E402
+    ALIVE_STATISTICS,
     FIRST,
     _alive,
     _finite,
     add_model_arguments,
     add_world_arguments,
     load_world_model,
+    parse_timesteps,
     run_method,
     true_frame_range,
     world_batch,
 )
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "world_model_long.json"
-FULL = dict(frames=400, seeds=4, context_timesteps="0,50,100,250", caches="full,21", shifts=None)
-QUICK = dict(frames=4, seeds=1, context_timesteps="0,100", caches="full,6", shifts=None)
+FULL = dict(
+    frames=400, seeds=4, context_timesteps="0,50,100,250", caches="full,21", shifts=None, timesteps=None
+)
+QUICK = dict(frames=4, seeds=1, context_timesteps="0,100", caches="full,6", shifts=None, timesteps=None)
 
 
 def main(argv=None) -> dict:
@@ -80,11 +89,17 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--shifts", default=None, help="comma-separated flow shifts (default: the model's, world_model.json)"
     )
+    parser.add_argument(
+        "--timesteps",
+        default=None,
+        help="denoising samplers: comma-separated timesteps, ';' between samplers, e.g. "
+        "'1000,750,500,250;1000,750,500,250,100,40,20' (default: the model's, world_model.json)",
+    )
     args = parse_bench_args(parser, argv)
     spec = dict(QUICK if args.quick else FULL)
     spec.update({k: getattr(args, k) for k in spec if getattr(args, k) is not None})
     try:
-        settings = _settings(spec["context_timesteps"], spec["caches"], spec["shifts"])
+        settings = _settings(spec["context_timesteps"], spec["caches"], spec["shifts"], spec["timesteps"])
     except ValueError as error:
         parser.error(str(error))
     if spec["frames"] < 1 or spec["seeds"] < 1:
@@ -99,7 +114,11 @@ def main(argv=None) -> dict:
     warmup = 1 if args.device.type == "cuda" else 0
     rows = []
     for index, setting in enumerate(settings):
-        kwargs = {"context_timestep": setting["context_timestep"], "shift": setting["shift"]}
+        kwargs = {
+            "context_timestep": setting["context_timestep"],
+            "shift": setting["shift"],
+            "denoising_timesteps": setting["timesteps"],
+        }
         if setting["cache"] != "full":
             kwargs.update(max_cache_frames=setting["cache"], sink_frames=context)
         chunks, video = run_method(
@@ -138,11 +157,14 @@ def main(argv=None) -> dict:
     return report
 
 
-def _settings(context_timesteps: str, caches: str, shifts: str | None) -> list[dict]:
+def _settings(
+    context_timesteps: str, caches: str, shifts: str | None, samplers: str | None = None
+) -> list[dict]:
     timesteps = [float(t) for t in context_timesteps.split(",")]
     shift_values = [None] if shifts is None else [float(s) for s in shifts.split(",")]
     if any(s is not None and not s > 0 for s in shift_values):
         raise ValueError(f"--shifts must be > 0, got {shifts!r}")
+    sampler_values = [None] if samplers is None else [parse_timesteps(text) for text in samplers.split(";")]
     if any(not 0 <= t <= 1000 for t in timesteps):
         raise ValueError(f"--context-timesteps must lie in [0, 1000], got {context_timesteps!r}")
     windows = []
@@ -154,7 +176,8 @@ def _settings(context_timesteps: str, caches: str, shifts: str | None) -> list[d
         else:
             raise ValueError(f"--caches items must be 'full' or an int >= 1, got {cache!r}")
     return [
-        {"context_timestep": t, "cache": c, "shift": s}
+        {"context_timestep": t, "cache": c, "shift": s, "timesteps": d}
+        for d in sampler_values
         for s in shift_values
         for c in windows
         for t in timesteps
@@ -178,10 +201,23 @@ def _measure(
             }
         )
     exits = [w["first_exit"] if w["first_exit"] is not None else len(video[0]) for w in worlds]
+    in_range = {  # the fraction of all frames (every world) whose statistic lies within the true range
+        key: statistics.fmean(
+            ranges[w][key][0] <= value <= ranges[w][key][1]
+            for w, world in enumerate(worlds)
+            for value in world[f"per_frame_{key}"]
+        )
+        for key in ALIVE_STATISTICS
+    }
     finite = [w["psnr_first32"] for w in worlds if w["psnr_first32"] is not None]
     return {
         "name": f"t{setting['context_timestep']:g}/{setting['cache']}"
-        + ("" if setting["shift"] is None else f"/shift{setting['shift']:g}"),
+        + ("" if setting["shift"] is None else f"/shift{setting['shift']:g}")
+        + (
+            ""
+            if setting["timesteps"] is None
+            else f"/{len(setting['timesteps'])}steps-{setting['timesteps'][-1]:g}"
+        ),
         **setting,
         "psnr_first32": statistics.fmean(finite) if finite else None,
         "psnr_all": statistics.fmean(
@@ -190,6 +226,7 @@ def _measure(
         "alive_worlds": sum(w["alive"] for w in worlds),
         "worlds": len(worlds),
         "median_alive_frames": statistics.median(exits),
+        "in_range": in_range,
         "min_alive_frames": min(exits),
         "seconds": sum(c["latency_s"] for c in chunks),
         "per_world": worlds,
@@ -212,6 +249,12 @@ def _row_line(row: dict) -> str:
     )
 
 
+def _percentages(in_range: dict | None) -> str:
+    if in_range is None:  # a report written before the in-range shares
+        return "-"
+    return " / ".join(f"{100 * in_range[key]:.0f}" for key in ALIVE_STATISTICS)
+
+
 def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None or value != value else f"{value:{spec}}"
 
@@ -224,16 +267,18 @@ def format_table(report: dict) -> str:
         f"{report['device']}, {report['dtype']}, sampler {report['sampler']}; {report['date']}. "
         "context t: the commit timestep of generated frames; cache: full or a rolling window (frames, "
         "the context frames as sinks); alive: worlds whose every frame's mean, std and edge strength stay within the true "
-        "frames' range; alive frames: predicted frames before the first exit (min and median over worlds).",
+        "frames' range; alive frames: predicted frames before the first exit (min and median over worlds); "
+        "in range: the share of all frames (every world) whose mean / std / edge strength lies within the range.",
         "",
-        "| setting | context t | cache | PSNR 32 | PSNR all | alive | alive frames min | median | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | context t | cache | PSNR 32 | PSNR all | alive | alive frames min | median "
+        "| in range % mean / std / edge | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['name']} | {r['context_timestep']:g} | {r['cache']} | {_fmt(r['psnr_first32'])} | "
             f"{_fmt(r['psnr_all'])} | {r['alive_worlds']}/{r['worlds']} | {r['min_alive_frames']} | "
-            f"{r['median_alive_frames']:g} | {r['seconds']:.1f} |"
+            f"{r['median_alive_frames']:g} | {_percentages(r.get('in_range'))} | {r['seconds']:.1f} |"
         )
     lines += ["", f"winner: {report['winner']['name']} ({report['winner']['reason']})"]
     return "\n".join(lines)

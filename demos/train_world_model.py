@@ -31,7 +31,11 @@ all off by default:
   context the model's own autoregressive rollout (from 1 to 4 true frames, with the clip's true
   actions, refilled every N steps). Their targets stay the true frames, so the model learns to pull
   its drifted past back to the game (DAgger-style). Of the options, only this one has moved the
-  long-rollout figures (``benchmarks/results/world_model_finetune.md``).
+  long-rollout figures (``benchmarks/results/world_model_finetune.md``). ``--rollout-frames L
+  --rollout-window W`` make the buffer rollouts L frames long, through a W-frame rolling window with
+  the true start as sinks (as a rollout with ``max_cache_frames=W`` deploys it); a batch takes each
+  one's sinks and a run of later frames. That kept the structure but lowered the contrast further
+  (``benchmarks/results/world_model_stability.md``).
 - ``--self-context P`` does the same with the model's one-step estimates of the context frames.
 - ``--context-noise S`` noises context frames to a sigma drawn from [0, S] (GameNGen's noise
   augmentation), for rollouts that commit their frames re-noised (``context_timestep``).
@@ -141,7 +145,9 @@ def main() -> None:
             group["lr"] = lr
         if args.rollout_context > 0 and step % args.rollout_every == 0:
             started = time.perf_counter()
-            trainer.refresh_rollouts(model, data, args.batch, args.clip_frames, generator)
+            trainer.refresh_rollouts(
+                model, data, args.batch, args.clip_frames, generator, args.rollout_frames, args.rollout_window
+            )
             rollout_seconds += time.perf_counter() - started
         batch = data.sample(args.batch, args.clip_frames, generator, far_frames=args.far_frames)
         batch = trainer.mix_rollouts(batch, generator)
@@ -222,6 +228,8 @@ def main() -> None:
             "context_noise": args.context_noise,
             "rollout_context": args.rollout_context,
             "rollout_every": args.rollout_every,
+            "rollout_frames": args.rollout_frames or args.clip_frames,
+            "rollout_window": args.rollout_window,
             "rollout_sampler": {"denoising_timesteps": list(rollout_sampler[0]), "shift": rollout_sampler[1]}
             if args.rollout_context
             else None,
@@ -321,6 +329,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--rollout-every", type=int, default=20, help="steps between rollout-buffer refreshes (default 20)"
     )
+    parser.add_argument(
+        "--rollout-frames",
+        type=int,
+        default=None,
+        help="frames of each buffer rollout (default --clip-frames); longer ones reach the drift of long "
+        "rollouts, and a batch takes each as its true start plus a run of later frames",
+    )
+    parser.add_argument(
+        "--rollout-window",
+        type=int,
+        default=None,
+        help="buffer rollouts through a rolling window of this many frames, the true start as sinks, as "
+        "a rollout with max_cache_frames=N deploys it (default: the whole past)",
+    )
     args = parser.parse_args(argv)
     defaults = dict(
         minutes=(0.6, 6.3), batch=(2, 32), clip_frames=(6, 16), far_frames=(2, 4), episodes=(8, 256),
@@ -339,6 +361,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--rollout-context must be in [0, 1], got {args.rollout_context}")
     if args.rollout_every < 1:
         raise ValueError(f"--rollout-every must be >= 1, got {args.rollout_every}")
+    if args.rollout_frames is not None and args.rollout_frames < args.clip_frames:
+        raise ValueError(
+            f"--rollout-frames must be >= --clip-frames ({args.clip_frames}), got {args.rollout_frames}"
+        )
+    if args.rollout_window is not None and args.rollout_window <= CONTEXT_FRAMES:
+        raise ValueError(
+            f"--rollout-window must exceed the {CONTEXT_FRAMES} sink frames, got {args.rollout_window}"
+        )
     if args.clip_frames <= args.far_frames + 2:
         raise ValueError(
             f"--clip-frames must exceed --far-frames + 2 = {args.far_frames + 2}, got {args.clip_frames}"
@@ -601,25 +631,39 @@ class Trainer:
         return ((predicted + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
     @torch.no_grad()
-    def generate(self, model, video, actions, positions, levels, timesteps, shift: float, generator):
+    def generate(
+        self, model, video, actions, positions, levels, timesteps, shift: float, generator, window=None
+    ):
         """Continue the clean frames ``video`` ``[B, 3, T, H, W]`` autoregressively to the length of
         ``actions``/``positions`` ``[B, L]`` with the sampler ``(timesteps, shift)``. Each step re-runs
-        the whole sequence (earlier frames clean at timestep 0, the new chunk noisy), which equals the
-        KV-cached rollout. Returns ``[B, 3, L, H, W]`` with the first ``T`` frames ``video``'s."""
+        the past (clean at timestep 0) with the new chunk (noisy), which equals the KV-cached rollout.
+        ``window``: ``None``, the whole past; else the past is the ``T`` given frames (the sinks) and
+        the ``window - T`` frames before the chunk, as the pipeline's rolling cache with
+        ``max_cache_frames=window, sink_frames=T`` (positions stay absolute). Returns
+        ``[B, 3, L, H, W]`` with the first ``T`` frames ``video``'s."""
         sigmas = flow_sigmas(timesteps, shift)
         batch, total = actions.shape
-        for t in range(video.shape[2], total, CHUNK_FRAMES):
+        sinks = video.shape[2]
+        if window is not None and window <= sinks:
+            raise ValueError(f"window must exceed the {sinks} given frames (the sinks), got {window}")
+        for t in range(sinks, total, CHUNK_FRAMES):
             length = min(t + CHUNK_FRAMES, total)
+            if window is None:
+                past = torch.arange(t, device=self.device)
+            else:
+                recent = torch.arange(max(sinks, t - (window - sinks)), t, device=self.device)
+                past = torch.cat([torch.arange(sinks, device=self.device), recent])
+            frames = torch.cat([past, torch.arange(t, length, device=self.device)])
             shape = (batch, 3, length - t, *video.shape[-2:])
             latents = torch.randn(shape, generator=generator, device=self.device)
             for step, sigma in enumerate(sigmas):
-                sigma_frames = torch.zeros(batch, length, device=self.device)
-                sigma_frames[:, t:] = sigma
+                sigma_frames = torch.zeros(batch, len(frames), device=self.device)
+                sigma_frames[:, len(past) :] = sigma
                 flow = self.forward(
-                    model, torch.cat([video, latents], 2), actions[:, :length], sigma_frames,
-                    positions[:, :length], levels,
+                    model, torch.cat([video[:, :, past], latents], 2), actions[:, frames], sigma_frames,
+                    positions[:, frames], levels,
                 )  # fmt: skip
-                clean = latents - sigma * flow[:, :, t:]
+                clean = latents - sigma * flow[:, :, len(past) :]
                 if step + 1 < len(sigmas):
                     noise = torch.randn(shape, generator=generator, device=self.device)
                     latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
@@ -627,19 +671,23 @@ class Trainer:
         return video
 
     @torch.no_grad()
-    def refresh_rollouts(self, model, data: Data, clips: int, clip_frames: int, generator) -> None:
-        """Fill the rollout buffer: ``clips`` training clips whose frames after a true start (1 to
-        ``CONTEXT_FRAMES`` frames, cycling per refresh) are the model's own autoregressive rollout with
-        the clip's true actions (``rollout_sampler``, the model in eval mode). ``mix_rollouts`` trains
-        on them: the model's drifted past as context, the true frames as targets (DAgger-style
-        correction of exposure bias: the model learns to pull its rollout back to the game)."""
-        batch = data.sample(clips, clip_frames, generator, far_frames=0)
+    def refresh_rollouts(
+        self, model, data: Data, clips: int, clip_frames: int, generator, rollout_frames=None, window=None
+    ) -> None:
+        """Fill the rollout buffer: ``clips`` clips of ``rollout_frames`` frames (default
+        ``clip_frames``) whose frames after a true start (1 to ``CONTEXT_FRAMES`` frames, cycling per
+        refresh) are the model's own autoregressive rollout with the clip's true actions
+        (``rollout_sampler``, the model in eval mode; ``window``: through a rolling window with the
+        true start as sinks, :meth:`generate`). ``mix_rollouts`` trains on them: the model's drifted
+        past as context, the true frames as targets (DAgger-style correction of exposure bias: the
+        model learns to pull its rollout back to the game)."""
+        batch = data.sample(clips, rollout_frames or clip_frames, generator, far_frames=0)
         start = 1 + self.refreshes % min(CONTEXT_FRAMES, clip_frames - 2)
         self.refreshes += 1
         with _eval_mode(model):
             batch["context"] = self.generate(
                 model, batch["x0"][:, :, :start], batch["actions"], batch["positions"], batch["levels"],
-                *self.rollout_sampler, generator,
+                *self.rollout_sampler, generator, window,
             )  # fmt: skip
         batch["start"] = start
         self.buffer = batch
@@ -648,7 +696,10 @@ class Trainer:
         """``batch`` with its first ``round(rollout_context * B)`` clips drawn from the rollout buffer
         (with replacement), each with a clean prefix past its true start, so its targets follow some of
         the model's own frames; ``batch["context"]`` holds the context frames (the true frames on the
-        other clips) and ``batch["rolled"]`` marks the buffer clips. Unchanged without a buffer."""
+        other clips) and ``batch["rolled"]`` marks the buffer clips. Buffer clips longer than the
+        batch's ``F`` frames give their true start (the sinks) and ``F - start`` consecutive frames
+        from a random point after it, at their own positions: a rolling window's view of a long
+        rollout. Unchanged without a buffer."""
         if self.buffer is None or self.rollout_context <= 0:
             return batch
         size, frames = batch["actions"].shape
@@ -664,11 +715,23 @@ class Trainer:
             + 1
             + (torch.rand(count, generator=generator, device=self.device) * (frames - start - 1)).long()
         )
+        # the frames taken from each picked buffer clip: its true start, then a run of later frames
+        length = self.buffer["actions"].shape[1]
+        run = (
+            start
+            + (torch.rand(count, generator=generator, device=self.device) * (length - frames + 1)).long()
+        )
+        sinks = torch.arange(start, device=self.device).expand(count, -1)
+        index = torch.cat([sinks, run[:, None] + torch.arange(frames - start, device=self.device)], 1)
+        rows = pick[:, None]
         mixed = {key: batch[key].clone() for key in ("x0", "actions", "positions", "levels", "clean")}
         mixed["context"] = batch.get("context", batch["x0"]).clone()
         mixed["rolled"] = torch.zeros(size, dtype=torch.bool, device=self.device)
-        for key in ("x0", "actions", "positions", "levels", "context"):
-            mixed[key][:count] = self.buffer[key][pick]
+        for key in ("x0", "context"):
+            mixed[key][:count] = self.buffer[key][rows, :, index].permute(0, 2, 1, 3, 4)
+        for key in ("actions", "positions"):
+            mixed[key][:count] = self.buffer[key][rows, index]
+        mixed["levels"][:count] = self.buffer["levels"][pick]
         mixed["clean"][:count] = torch.arange(frames, device=self.device)[None, :] < prefix[:, None]
         mixed["rolled"][:count] = True
         return mixed

@@ -15,6 +15,7 @@ per method, and measures every method against the game's true frames:
 
 and ``+``-joined combinations, e.g. ``flashblock+tempcache`` (the configs in that order in one
 processor; ``rolling`` combines with anything but ``tempcache``, which has its own budget).
+Every method uses the model's sampler (``world_model.json``) unless ``--timesteps`` gives another.
 
 It writes to ``--out``:
 
@@ -40,11 +41,14 @@ metric of ``vidaccel.metrics.psnr``). Fidelity figures describe this small model
     python demos/world_model_rollout.py --out out                       # the default (make demo)
     python demos/world_model_rollout.py --frames 1000 --methods dense,tempcache,rolling,annsa --out out/wm
     python demos/world_model_rollout.py --actions scripted --methods dense,flashblock+tempcache
+    python demos/world_model_rollout.py --frames 1000 --methods rolling --window-frames 12 --sink-frames 4 \
+        --timesteps 1000,750,500,250,150 --model DIR    # a fine-tuned model, a short window, a lower last step
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -126,6 +130,7 @@ def main(argv=None) -> dict:
             level=args.level,
             seed=args.seed,
             warmup_chunks=args.warmup_chunks,
+            **({} if args.timesteps is None else {"denoising_timesteps": args.timesteps}),
             **rollout_kwargs,
         )
         runs[method] = {
@@ -178,6 +183,10 @@ def main(argv=None) -> dict:
             "threshold": args.threshold,
             "max_tokens": args.max_tokens,
             "view_scale": args.view_scale,
+            "sampler": {
+                "denoising_timesteps": args.timesteps or meta["denoising_timesteps"],
+                "shift": meta["shift"],
+            },
         },
         "actions": {"context": context_actions, "predicted": actions},
         "copy_last_frame": baseline,
@@ -380,7 +389,13 @@ def format_table(report: dict) -> str:
         "",
         f"Model: {report['model']['path']} ({report['model']['parameters'] / 1e6:.2f}M parameters), "
         f"{report['device']}, {report['dtype']}; chunks of {s['chunk_frames']} frames, actions {s['actions']!r}, "
-        f"level {s['level']}, seed {s['seed']}. Fidelity figures come from this small model.",
+        f"level {s['level']}, seed {s['seed']}"
+        + (
+            f", sampler timesteps {[round(t) for t in s['sampler']['denoising_timesteps']]}"
+            if "sampler" in s
+            else ""
+        )
+        + ". Fidelity figures come from this small model.",
         "",
         *("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows),
         "",
@@ -640,8 +655,25 @@ def _parser() -> argparse.ArgumentParser:
         default=VIEW_SCALE,
         help=f"video panel upscaling (default {VIEW_SCALE}; 2 for long rollouts)",
     )
+    parser.add_argument(
+        "--timesteps",
+        default=None,
+        help="the sampler's denoising timesteps, comma-separated and decreasing in (0, 1000] "
+        "(default: the model's, world_model.json)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
     return parser
+
+
+def parse_timesteps(text: str) -> list[float]:
+    """A sampler's denoising timesteps from ``"1000,750,500,250"``: strictly decreasing, in (0, 1000]."""
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"timesteps are comma-separated numbers, got {text!r}") from None
+    if not all(0 < t <= 1000 for t in values) or any(b >= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"timesteps must decrease strictly within (0, 1000], got {text!r}")
+    return values
 
 
 def _parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
@@ -678,6 +710,11 @@ def _parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
         parser.error(
             f"--frame-index must be in [-{args.frames}, {args.frames - 1}] (--frames {args.frames}), got {args.frame_index}"
         )
+    if args.timesteps is not None:
+        try:
+            args.timesteps = parse_timesteps(args.timesteps)
+        except ValueError as error:
+            parser.error(f"--timesteps: {error}")
     if args.actions not in ("random", "scripted") and not args.actions.strip():
         parser.error("--actions must be random, scripted, a file or a comma-separated list of actions")
     return args

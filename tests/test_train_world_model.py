@@ -146,6 +146,8 @@ def test_init_loads_the_weights_in_training_mode(train):
         (["--eval-samplers", "init"], "--eval-samplers init needs --init with a world_model.json"),
         (["--rollout-context", "2"], r"--rollout-context must be in \[0, 1\], got 2.0"),
         (["--rollout-every", "0"], "--rollout-every must be >= 1, got 0"),
+        (["--rollout-frames", "8"], r"--rollout-frames must be >= --clip-frames \(16\), got 8"),
+        (["--rollout-window", "4"], "--rollout-window must exceed the 4 sink frames, got 4"),
     ],
 )
 def test_bad_options(train, argv, message):
@@ -173,6 +175,57 @@ def test_generate_is_causal_and_keeps_the_given_frames(train):
     assert full.abs().max() <= 1 and not torch.equal(full[:, :, 2:], batch["x0"][:, :, 2:])
     # block-causal: a frame does not depend on the frames generated after it
     torch.testing.assert_close(full[:, :, :4], short, rtol=0, atol=1e-5)
+
+
+def test_generate_through_a_rolling_window(train):
+    """``window``: a window as long as the clip is the whole past; a shorter one conditions each frame
+    on the sinks and the ``window - sinks`` frames before it, exactly, at their own positions."""
+    model, _, batch = _setup(train, clip_frames=8)
+    model.eval()
+    trainer = _rollout_trainer(train, model)
+    actions, positions, levels = batch["actions"], batch["positions"], batch["levels"]
+    sampler = ((1000,), 1.0)  # one step: one noise draw per frame
+    sinks = batch["x0"][:, :, :2]
+    whole = trainer.generate(model, sinks, actions, positions, levels, *sampler, _gen(5))
+    same = trainer.generate(model, sinks, actions, positions, levels, *sampler, _gen(5), window=8)
+    torch.testing.assert_close(same, whole, rtol=0, atol=1e-6)
+    rolled = trainer.generate(model, sinks, actions, positions, levels, *sampler, _gen(5), window=4)
+    assert not torch.allclose(rolled[:, :, 6:], whole[:, :, 6:], atol=1e-3)  # frames 0, 1 and 4, 5 only
+    # frame 7 from its window's frames (0, 1, 5, 6) as given frames: the same frame
+    seen = [0, 1, 5, 6, 7]
+    generator = _gen(5)
+    for _ in range(5):  # the draws of frames 2..6
+        torch.randn((2, 3, 1, 64, 64), generator=generator)
+    alone = trainer.generate(
+        model, rolled[:, :, seen[:-1]], actions[:, seen], positions[:, seen], levels, *sampler, generator
+    )
+    torch.testing.assert_close(alone[:, :, -1], rolled[:, :, 7], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="window must exceed the 2 given frames"):
+        trainer.generate(model, sinks, actions, positions, levels, *sampler, _gen(5), window=2)
+
+
+def test_long_rollouts_give_the_sinks_and_a_run_of_later_frames(train):
+    model, _, batch = _setup(train, clip_frames=6)
+    trainer = _rollout_trainer(train, model, rollout_context=1.0)
+    trainer.refresh_rollouts(model, _data(train), 3, 6, _gen(7), rollout_frames=14, window=5)
+    buffer, start = trainer.buffer, trainer.buffer["start"]
+    assert buffer["x0"].shape[2] == buffer["context"].shape[2] == 14 and start == 1
+    mixed = trainer.mix_rollouts(batch, _gen(8))
+    assert mixed["rolled"].all() and mixed["x0"].shape == batch["x0"].shape
+    for clip in range(2):
+        row = [
+            i
+            for i in range(3)
+            if torch.equal(buffer["positions"][i, :start], mixed["positions"][clip, :start])
+        ]
+        assert row, "the sinks: the buffer clip's true start"
+        offset = int(mixed["positions"][clip, start] - buffer["positions"][row[0], 0])
+        index = [*range(start), *range(offset, offset + 6 - start)]
+        assert start <= offset <= 14 - (6 - start)
+        assert torch.equal(mixed["positions"][clip], buffer["positions"][row[0], index])
+        assert torch.equal(mixed["actions"][clip], buffer["actions"][row[0], index])
+        assert torch.equal(mixed["x0"][clip], buffer["x0"][row[0]][:, index])
+        assert torch.equal(mixed["context"][clip], buffer["context"][row[0]][:, index])
 
 
 def test_rollout_context_trains_true_targets_on_the_models_own_past(train):

@@ -64,6 +64,8 @@ def test_rollout_writes_video_plots_and_report(demo_run, rollout):
     # The embedded CPU default methods (what `make demo` runs), FlashBlock where this vidaccel has it.
     assert list(report["methods"]) == [m for m in rollout.CPU_DEFAULTS["methods"] if m in rollout.METHODS]
     assert report["settings"]["frames"] == FRAMES and report["settings"]["context"] == CONTEXT
+    shipped = json.loads((ROOT / "assets" / "world_model" / "world_model.json").read_text())
+    assert report["settings"]["sampler"] == {k: shipped[k] for k in ("denoising_timesteps", "shift")}
     files = report["files"]
     capture = cv2.VideoCapture(str(out / files["video"]))
     frames = []
@@ -143,6 +145,7 @@ def test_rollout_report_figures(demo_run, rollout):
         (["--actions", "up,jump", "--frames", "2"], "unknown action 'jump' at index 1; allowed: noop"),
         (["--actions", "up,down,left", "--frames", "2"], "expected 2 actions"),
         (["--context", "0"], "--context must be a positive multiple"),
+        (["--timesteps", "1000,250,500"], "--timesteps: timesteps must decrease strictly"),
     ],
 )
 def test_rollout_rejects_bad_arguments(rollout, argv, message, capsys, tmp_path):
@@ -224,6 +227,13 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
                 inside &= (values >= bounds[key][0]) & (values <= bounds[key][1])
             assert world["alive"] == bool(inside.all())
             assert world["first_exit"] == (None if inside.all() else int(np.argmin(inside)))
+        for key in ("mean", "std", "edge"):  # the share of frames in range, over every world's frames
+            inside = [
+                bounds[key][0] <= value <= bounds[key][1]
+                for world, bounds in zip(row["per_world"], report["ranges"], strict=True)
+                for value in world[f"per_frame_{key}"]
+            ]
+            assert row["in_range"][key] == pytest.approx(np.mean(inside))
     # a full cache and an 8-frame window hold the same 4 context + 3 frames: identical rollouts
     full, window = report["rows"][0], report["rows"][2]
     assert full["psnr_all"] == window["psnr_all"]
@@ -234,6 +244,41 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
     assert printed[-2] == f"winner: {report['winner']['name']} ({report['winner']['reason']})"
     with pytest.raises(AssertionError, match="--caches items must be 'full' or an int >= 1"):
         _run("benchmarks/bench_world_model_long.py", "--quick", "--caches", "full,0", "--out", str(out))
+    with pytest.raises(AssertionError, match="timesteps must decrease strictly"):
+        _run(
+            "benchmarks/bench_world_model_long.py",
+            "--quick",
+            "--timesteps",
+            "1000,500;500,500",
+            "--out",
+            str(out),
+        )
+
+
+def test_long_rollout_sweep_samplers(tmp_path):
+    """``--timesteps``: one row per sampler, each rolled out with its own timesteps: a sampler whose
+    first steps are another's, plus a lower last step, gives another rollout."""
+    out = tmp_path / "samplers.json"
+    argv = ["--quick", "--frames", "2", "--context-timesteps", "0", "--caches", "full"]
+    _run(
+        "benchmarks/bench_world_model_long.py",
+        *argv,
+        "--timesteps",
+        "1000,500;1000,500,100",
+        "--out",
+        str(out),
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["name"] for row in rows] == ["t0/full/2steps-500", "t0/full/3steps-100"]
+    assert [row["timesteps"] for row in rows] == [[1000.0, 500.0], [1000.0, 500.0, 100.0]]
+    assert rows[0]["psnr_all"] != rows[1]["psnr_all"]
+
+
+def test_parse_timesteps(rollout):
+    assert rollout.parse_timesteps("1000, 750,500,250,150") == [1000.0, 750.0, 500.0, 250.0, 150.0]
+    for text in ("1000,1000", "500,750", "1000,0", "1200,500", "1000,x", ""):
+        with pytest.raises(ValueError, match="timesteps"):
+            rollout.parse_timesteps(text)
 
 
 def test_flashblock_schedule_quick(tmp_path):
