@@ -197,27 +197,23 @@ def _measure(
                 "alive": alive["pass"],
                 "nan_frames": alive["nan_frames"],
                 "first_exit": alive["first_exit"],
-                **{key: value for key, value in alive.items() if key.startswith("per_frame_")},
+                **{
+                    key: value
+                    for key, value in alive.items()
+                    if key.startswith("per_frame_") or key.endswith("_frames_in_range")
+                },
             }
         )
     exits = [w["first_exit"] if w["first_exit"] is not None else len(video[0]) for w in worlds]
-    in_range = {  # the fraction of all frames (every world) whose statistic lies within the true range
-        key: statistics.fmean(
-            ranges[w][key][0] <= value <= ranges[w][key][1]
-            for w, world in enumerate(worlds)
-            for value in world[f"per_frame_{key}"]
-        )
-        for key in ALIVE_STATISTICS
+    frames = video.shape[0] * video.shape[1]
+    in_range = {  # the share of all frames (every world) whose statistic lies within the true range
+        key: sum(w[f"{key}_frames_in_range"] for w in worlds) / frames for key in ALIVE_STATISTICS
     }
     finite = [w["psnr_first32"] for w in worlds if w["psnr_first32"] is not None]
     return {
         "name": f"t{setting['context_timestep']:g}/{setting['cache']}"
         + ("" if setting["shift"] is None else f"/shift{setting['shift']:g}")
-        + (
-            ""
-            if setting["timesteps"] is None
-            else f"/{len(setting['timesteps'])}steps-{setting['timesteps'][-1]:g}"
-        ),
+        + ("" if setting["timesteps"] is None else "/ts" + "-".join(f"{t:g}" for t in setting["timesteps"])),
         **setting,
         "psnr_first32": statistics.fmean(finite) if finite else None,
         "psnr_all": statistics.fmean(

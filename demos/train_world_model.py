@@ -115,10 +115,13 @@ def main() -> None:
     if 2 * num_params > MAX_WEIGHT_BYTES:
         raise ValueError(f"{num_params} parameters exceed {MAX_WEIGHT_BYTES} bytes in bf16")
     ema = copy.deepcopy(model).requires_grad_(False)
-    rollout_sampler = SAMPLERS[0]
-    if args.init is not None and (args.init / "world_model.json").exists():
-        init_meta = json.loads((args.init / "world_model.json").read_text())
-        rollout_sampler = (tuple(init_meta["denoising_timesteps"]), float(init_meta["shift"]))
+    init_meta = _init_metadata(args.init)
+    # the sampler the initial weights shipped with: the rollout buffer's, and the evaluation's with
+    # ``--eval-samplers init``
+    init_sampler = (
+        None if init_meta is None else (tuple(init_meta["denoising_timesteps"]), float(init_meta["shift"]))
+    )
+    rollout_sampler = init_sampler or SAMPLERS[0]
     trainer = Trainer(
         device,
         self_context=args.self_context,
@@ -188,11 +191,8 @@ def main() -> None:
     print(f"validation loss raw {val['raw']:.4f} ema {val['ema']:.4f} -> {chosen}", flush=True)
 
     samplers = SAMPLERS[:1] if args.toy else SAMPLERS
-    if (
-        args.eval_samplers == "init"
-    ):  # only the sampler the initial weights shipped with (a faster evaluation)
-        init_meta = json.loads((args.init / "world_model.json").read_text())
-        samplers = ((tuple(init_meta["denoising_timesteps"]), float(init_meta["shift"])),)
+    if args.eval_samplers == "init":  # only the initial weights' sampler (a faster evaluation)
+        samplers = (init_sampler,)
     evaluation = evaluate(trainer, best, held_out, args.eval_frames, samplers)
     timesteps, shift = evaluation["chosen"]["denoising_timesteps"], evaluation["chosen"]["shift"]
 
@@ -235,7 +235,7 @@ def main() -> None:
             else None,
             "rollout_seconds": round(rollout_seconds, 1),
             "init": None if args.init is None else str(args.init),
-            "init_training": _init_training(args.init),
+            "init_training": None if init_meta is None else init_meta.get("training"),
             "lr": args.lr,
             "ema": args.ema,
             "episodes": args.episodes,
@@ -376,11 +376,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _init_training(init: Path | None) -> dict | None:
-    """The training record of the weights a fine-tuning started from (their ``world_model.json``)."""
+def _init_metadata(init: Path | None) -> dict | None:
+    """The ``world_model.json`` of the weights a fine-tuning starts from (``None``: none)."""
     if init is None or not (init / "world_model.json").exists():
         return None
-    return json.loads((init / "world_model.json").read_text()).get("training")
+    return json.loads((init / "world_model.json").read_text())
 
 
 def make_episodes(count: int, length: int, workers: int, seed_base: int):
@@ -654,15 +654,16 @@ class Trainer:
                 recent = torch.arange(max(sinks, t - (window - sinks)), t, device=self.device)
                 past = torch.cat([torch.arange(sinks, device=self.device), recent])
             frames = torch.cat([past, torch.arange(t, length, device=self.device)])
+            # the chunk's view of the past, gathered once for all its steps
+            seen, seen_actions, seen_positions = video[:, :, past], actions[:, frames], positions[:, frames]
+            sigma_frames = torch.zeros(batch, len(frames), device=self.device)
             shape = (batch, 3, length - t, *video.shape[-2:])
             latents = torch.randn(shape, generator=generator, device=self.device)
             for step, sigma in enumerate(sigmas):
-                sigma_frames = torch.zeros(batch, len(frames), device=self.device)
                 sigma_frames[:, len(past) :] = sigma
                 flow = self.forward(
-                    model, torch.cat([video[:, :, past], latents], 2), actions[:, frames], sigma_frames,
-                    positions[:, frames], levels,
-                )  # fmt: skip
+                    model, torch.cat([seen, latents], 2), seen_actions, sigma_frames, seen_positions, levels
+                )
                 clean = latents - sigma * flow[:, :, len(past) :]
                 if step + 1 < len(sigmas):
                     noise = torch.randn(shape, generator=generator, device=self.device)

@@ -48,7 +48,6 @@ metric of ``vidaccel.metrics.psnr``). Fidelity figures describe this small model
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import statistics
@@ -62,6 +61,7 @@ from PIL import Image, ImageDraw
 
 import vidaccel
 from vidaccel.metrics import psnr, ssim
+from vidaccel.pipelines.causal_wan import check_denoising_timesteps
 from vidaccel.pipelines.game import ACTIONS, GameEnv, parse_actions, random_actions, scripted_actions
 from vidaccel.pipelines.world_model import WorldModelPipeline
 
@@ -463,7 +463,8 @@ def _fidelity(video: np.ndarray, truth: np.ndarray) -> dict:
 def _alive(video: np.ndarray, true_range: dict) -> dict:
     """The stays-alive check: no NaN frame, and every frame's mean, std and edge strength
     (:func:`frame_statistics`) within the true frames' range; ``first_exit``: the first frame that
-    is NaN or has a statistic outside the range (``None``: none)."""
+    is NaN or has a statistic outside the range (``None``: none); ``{statistic}_frames_in_range``:
+    how many frames have that statistic within the range."""
     finite = np.isfinite(video).all(axis=(1, 2, 3))
     outside = ~finite
     result = {"nan_frames": int(outside.sum())}
@@ -472,6 +473,7 @@ def _alive(video: np.ndarray, true_range: dict) -> dict:
         inside = (values >= low) & (values <= high)
         outside |= ~inside
         result[f"{key}_in_range"] = bool(inside.all())
+        result[f"{key}_frames_in_range"] = int(inside.sum())  # NaN values are outside
         result[f"per_frame_{key}"] = [_finite(v) for v in values]
     result["first_exit"] = int(np.argmax(outside)) if outside.any() else None
     result["pass"] = result["first_exit"] is None
@@ -666,13 +668,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_timesteps(text: str) -> list[float]:
-    """A sampler's denoising timesteps from ``"1000,750,500,250"``: strictly decreasing, in (0, 1000]."""
+    """A sampler's denoising timesteps from ``"1000,750,500,250"``, checked as the pipeline checks them
+    (:func:`~vidaccel.pipelines.causal_wan.check_denoising_timesteps`)."""
     try:
         values = [float(t) for t in text.split(",")]
     except ValueError:
         raise ValueError(f"timesteps are comma-separated numbers, got {text!r}") from None
-    if not all(0 < t <= 1000 for t in values) or any(b >= a for a, b in itertools.pairwise(values)):
-        raise ValueError(f"timesteps must decrease strictly within (0, 1000], got {text!r}")
+    check_denoising_timesteps(values)
     return values
 
 

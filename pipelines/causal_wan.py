@@ -58,6 +58,7 @@ __all__ = [
     "CausalWanPipeline",
     "ChunkConditioning",
     "RolloutState",
+    "check_denoising_timesteps",
     "decode_latent_chunk",
     "flow_sigmas",
     "rotary_emb_at",
@@ -526,16 +527,7 @@ class CausalWanPipeline(DiffusionPipeline):
                 f"a pipeline without a VAE returns the transformer's output as frames, which needs 3 output channels "
                 f"(this transformer has {config.out_channels}); use output_type='latent'"
             )
-        timesteps = list(denoising_timesteps)
-        if (
-            not timesteps
-            or any(not 0 < float(t) <= 1000 for t in timesteps)
-            or timesteps != sorted(timesteps, reverse=True)
-            or len(set(timesteps)) != len(timesteps)
-        ):
-            raise ValueError(
-                f"denoising_timesteps must be strictly decreasing values in (0, 1000], got {denoising_timesteps!r}"
-            )
+        check_denoising_timesteps(denoising_timesteps)
         if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not 0 < shift < math.inf:
             raise ValueError(f"shift must be a float in (0, inf), got {shift!r}")
         if (
@@ -580,6 +572,21 @@ class CausalWanPipeline(DiffusionPipeline):
                 "max_cache_frames/sink_frames (the rolling-window baseline) cannot be combined with a processor that "
                 "makes its own KV cache (TempCache has its own sinks and budget); leave them unset"
             )
+
+
+def check_denoising_timesteps(denoising_timesteps: Sequence[float]) -> None:
+    """Raise ``ValueError`` unless ``denoising_timesteps`` (a sampler's timesteps) are strictly
+    decreasing values in ``(0, 1000]``."""
+    timesteps = list(denoising_timesteps)
+    if (
+        not timesteps
+        or any(not 0 < float(t) <= 1000 for t in timesteps)
+        or timesteps != sorted(timesteps, reverse=True)
+        or len(set(timesteps)) != len(timesteps)
+    ):
+        raise ValueError(
+            f"denoising_timesteps must be strictly decreasing values in (0, 1000], got {denoising_timesteps!r}"
+        )
 
 
 def flow_sigmas(timesteps: Sequence[float], shift: float) -> list[float]:

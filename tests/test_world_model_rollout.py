@@ -145,7 +145,7 @@ def test_rollout_report_figures(demo_run, rollout):
         (["--actions", "up,jump", "--frames", "2"], "unknown action 'jump' at index 1; allowed: noop"),
         (["--actions", "up,down,left", "--frames", "2"], "expected 2 actions"),
         (["--context", "0"], "--context must be a positive multiple"),
-        (["--timesteps", "1000,250,500"], "--timesteps: timesteps must decrease strictly"),
+        (["--timesteps", "1000,250,500"], "--timesteps: denoising_timesteps must be strictly decreasing"),
     ],
 )
 def test_rollout_rejects_bad_arguments(rollout, argv, message, capsys, tmp_path):
@@ -244,7 +244,7 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
     assert printed[-2] == f"winner: {report['winner']['name']} ({report['winner']['reason']})"
     with pytest.raises(AssertionError, match="--caches items must be 'full' or an int >= 1"):
         _run("benchmarks/bench_world_model_long.py", "--quick", "--caches", "full,0", "--out", str(out))
-    with pytest.raises(AssertionError, match="timesteps must decrease strictly"):
+    with pytest.raises(AssertionError, match="denoising_timesteps must be strictly decreasing"):
         _run(
             "benchmarks/bench_world_model_long.py",
             "--quick",
@@ -269,7 +269,7 @@ def test_long_rollout_sweep_samplers(tmp_path):
         str(out),
     )
     rows = json.loads(out.read_text())["rows"]
-    assert [row["name"] for row in rows] == ["t0/full/2steps-500", "t0/full/3steps-100"]
+    assert [row["name"] for row in rows] == ["t0/full/ts1000-500", "t0/full/ts1000-500-100"]
     assert [row["timesteps"] for row in rows] == [[1000.0, 500.0], [1000.0, 500.0, 100.0]]
     assert rows[0]["psnr_all"] != rows[1]["psnr_all"]
 
@@ -322,6 +322,8 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
     assert not alive["edge_in_range"] and not alive["pass"]
     assert alive["per_frame_edge"][-1] > true_range["edge"][1]
     assert alive["first_exit"] == len(frames) - 1, "the first frame outside the range: the texture"
+    counts = {key: alive[f"{key}_frames_in_range"] for key in rollout.ALIVE_STATISTICS}
+    assert counts == {"mean": len(frames), "std": len(frames), "edge": len(frames) - 1}
     blurred = frames.copy()
     blurred[-1] = blurred[-1].mean(axis=(0, 1), keepdims=True)  # flat: no structure at all
     assert not rollout._alive(blurred, true_range)["edge_in_range"]
@@ -329,4 +331,5 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
     nan[0, 0, 0, 0] = np.nan
     nan_alive = rollout._alive(nan, true_range)
     assert nan_alive["nan_frames"] == 1 and nan_alive["first_exit"] == 0 and not nan_alive["pass"]
+    assert all(nan_alive[f"{key}_frames_in_range"] == len(frames) - 1 for key in rollout.ALIVE_STATISTICS)
     assert rollout._alive(frames, true_range)["first_exit"] is None
