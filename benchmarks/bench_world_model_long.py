@@ -15,11 +15,14 @@ of true frames. This sweep rolls the shipped world model out densely for
   window of ``N`` frames with the context frames as sinks;
 - optionally the sampler (``--shifts``, ``--timesteps``): the flow shift and the denoising timesteps
   (default: the model's, ``world_model.json``). Ending lower (``...,250,100,40,20``) leaves less
-  residual noise in each frame, the error a model that copies its past accumulates;
+  residual noise in each frame, the error a model that copies its past accumulates; ``--etas``: the
+  share of fresh noise when a step re-noises (``0``: the flow ODE's Euler step);
 
 and reports per setting: PSNR against the true frames over the first 32 predicted frames and all of
 them, how many worlds stay alive, the first frame at which a world leaves the true range, and the share
-of frames whose mean, std and edge strength lie within it.
+of frames whose mean, std and edge strength lie within it. The range is each world's own true frames;
+``level`` repeats the check against the level's range (walks in ``LEVEL_WORLDS`` worlds joined with
+the world's: "a true frame of this level" rather than "of this world").
 **Winner**: among settings where every world stays alive, the highest PSNR over the first 32 frames;
 if none, the one whose worlds stay alive longest.
 
@@ -52,10 +55,13 @@ from bench_attention import bench_parser, environment, parse_bench_args, write_r
 from world_model_rollout import (  # noqa: E402
     ALIVE_STATISTICS,
     FIRST,
+    LEVEL_WORLDS,
     _alive,
     _finite,
     add_model_arguments,
     add_world_arguments,
+    joined_range,
+    level_frame_range,
     load_world_model,
     parse_timesteps,
     run_method,
@@ -65,9 +71,17 @@ from world_model_rollout import (  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "world_model_long.json"
 FULL = dict(
-    frames=400, seeds=4, context_timesteps="0,50,100,250", caches="full,21", shifts=None, timesteps=None
+    frames=400,
+    seeds=4,
+    context_timesteps="0,50,100,250",
+    caches="full,21",
+    shifts=None,
+    timesteps=None,
+    etas=None,
 )
-QUICK = dict(frames=4, seeds=1, context_timesteps="0,100", caches="full,6", shifts=None, timesteps=None)
+QUICK = dict(
+    frames=4, seeds=1, context_timesteps="0,100", caches="full,6", shifts=None, timesteps=None, etas=None
+)
 
 
 def main(argv=None) -> dict:
@@ -95,11 +109,19 @@ def main(argv=None) -> dict:
         help="denoising samplers: comma-separated timesteps, ';' between samplers, e.g. "
         "'1000,750,500,250;1000,750,500,250,100,40,20' (default: the model's, world_model.json)",
     )
+    parser.add_argument(
+        "--etas",
+        default=None,
+        help="comma-separated shares of fresh noise in [0, 1] when the sampler re-noises (0: the flow ODE's "
+        "Euler step; default: the model's, world_model.json, else 1)",
+    )
     args = parse_bench_args(parser, argv)
     spec = dict(QUICK if args.quick else FULL)
     spec.update({k: getattr(args, k) for k in spec if getattr(args, k) is not None})
     try:
-        settings = _settings(spec["context_timesteps"], spec["caches"], spec["shifts"], spec["timesteps"])
+        settings = _settings(
+            spec["context_timesteps"], spec["caches"], spec["shifts"], spec["timesteps"], spec["etas"]
+        )
     except ValueError as error:
         parser.error(str(error))
     if spec["frames"] < 1 or spec["seeds"] < 1:
@@ -111,6 +133,7 @@ def main(argv=None) -> dict:
     seeds = list(range(args.seed, args.seed + spec["seeds"]))
     context_actions, actions, truth, truth_pred = world_batch(seeds, context, spec["frames"], args.seed)
     ranges = [true_frame_range(truth[w], seed, 0) for w, seed in enumerate(seeds)]
+    level_ranges = [joined_range(world, level_frame_range(0)) for world in ranges]
     warmup = 1 if args.device.type == "cuda" else 0
     rows = []
     for index, setting in enumerate(settings):
@@ -118,6 +141,7 @@ def main(argv=None) -> dict:
             "context_timestep": setting["context_timestep"],
             "shift": setting["shift"],
             "denoising_timesteps": setting["timesteps"],
+            "eta": setting["eta"],
         }
         if setting["cache"] != "full":
             kwargs.update(max_cache_frames=setting["cache"], sink_frames=context)
@@ -131,7 +155,7 @@ def main(argv=None) -> dict:
             warmup_chunks=warmup,
             **kwargs,
         )
-        rows.append(_measure(setting, chunks, video, truth_pred, ranges))
+        rows.append(_measure(setting, chunks, video, truth_pred, ranges, level_ranges))
         print(
             f"[{index + 1}/{len(settings)}] {_row_line(rows[-1])} ({time.perf_counter() - started:.0f} s)",
             flush=True,
@@ -141,9 +165,11 @@ def main(argv=None) -> dict:
         "model": "random weights"
         if args.random_weights
         else str(args.model or "shipped (assets/world_model)"),
-        "sampler": {k: pipe.metadata[k] for k in ("denoising_timesteps", "shift")},
+        "sampler": {k: pipe.metadata[k] for k in ("denoising_timesteps", "shift")}
+        | {"eta": pipe.metadata.get("eta", 1.0)},
         "settings": {**spec, "context": context, "seeds_list": seeds, "first": FIRST},
         "ranges": ranges,
+        "level_ranges": level_ranges,
         "rule": "every world alive, then the highest PSNR over the first 32 frames; else alive the longest",
         "seconds": time.perf_counter() - started,
         "rows": rows,
@@ -158,13 +184,23 @@ def main(argv=None) -> dict:
 
 
 def _settings(
-    context_timesteps: str, caches: str, shifts: str | None, samplers: str | None = None
+    context_timesteps: str,
+    caches: str,
+    shifts: str | None,
+    samplers: str | None = None,
+    etas: str | None = None,
 ) -> list[dict]:
     timesteps = [float(t) for t in context_timesteps.split(",")]
     shift_values = [None] if shifts is None else [float(s) for s in shifts.split(",")]
     if any(s is not None and not s > 0 for s in shift_values):
         raise ValueError(f"--shifts must be > 0, got {shifts!r}")
     sampler_values = [None] if samplers is None else [parse_timesteps(text) for text in samplers.split(";")]
+    try:
+        eta_values = [None] if etas is None else [float(e) for e in etas.split(",")]
+    except ValueError:
+        raise ValueError(f"--etas are comma-separated numbers in [0, 1], got {etas!r}") from None
+    if any(e is not None and not 0 <= e <= 1 for e in eta_values):
+        raise ValueError(f"--etas must lie in [0, 1], got {etas!r}")
     if any(not 0 <= t <= 1000 for t in timesteps):
         raise ValueError(f"--context-timesteps must lie in [0, 1000], got {context_timesteps!r}")
     windows = []
@@ -176,7 +212,8 @@ def _settings(
         else:
             raise ValueError(f"--caches items must be 'full' or an int >= 1, got {cache!r}")
     return [
-        {"context_timestep": t, "cache": c, "shift": s, "timesteps": d}
+        {"context_timestep": t, "cache": c, "shift": s, "timesteps": d, "eta": e}
+        for e in eta_values
         for d in sampler_values
         for s in shift_values
         for c in windows
@@ -185,11 +222,17 @@ def _settings(
 
 
 def _measure(
-    setting: dict, chunks: list[dict], video: np.ndarray, truth: np.ndarray, ranges: list[dict]
+    setting: dict,
+    chunks: list[dict],
+    video: np.ndarray,
+    truth: np.ndarray,
+    ranges: list[dict],
+    level_ranges: list[dict],
 ) -> dict:
-    worlds = []
+    worlds, level = [], []
     for w in range(len(video)):
         alive = _alive(video[w], ranges[w])
+        level.append(_alive(video[w], level_ranges[w]))
         worlds.append(
             {
                 "psnr_first32": _finite(psnr(video[w, :FIRST], truth[w, :FIRST])),
@@ -213,7 +256,8 @@ def _measure(
     return {
         "name": f"t{setting['context_timestep']:g}/{setting['cache']}"
         + ("" if setting["shift"] is None else f"/shift{setting['shift']:g}")
-        + ("" if setting["timesteps"] is None else "/ts" + "-".join(f"{t:g}" for t in setting["timesteps"])),
+        + ("" if setting["timesteps"] is None else "/ts" + "-".join(f"{t:g}" for t in setting["timesteps"]))
+        + ("" if setting["eta"] is None else f"/eta{setting['eta']:g}"),
         **setting,
         "psnr_first32": statistics.fmean(finite) if finite else None,
         "psnr_all": statistics.fmean(
@@ -224,6 +268,13 @@ def _measure(
         "median_alive_frames": statistics.median(exits),
         "in_range": in_range,
         "min_alive_frames": min(exits),
+        "level": {  # the same check against the level's range (any world's true frames)
+            "alive_worlds": sum(a["pass"] for a in level),
+            "first_exits": [a["first_exit"] for a in level],
+            "in_range": {
+                key: sum(a[f"{key}_frames_in_range"] for a in level) / frames for key in ALIVE_STATISTICS
+            },
+        },
         "seconds": sum(c["latency_s"] for c in chunks),
         "per_world": worlds,
     }
@@ -251,6 +302,10 @@ def _percentages(in_range: dict | None) -> str:
     return " / ".join(f"{100 * in_range[key]:.0f}" for key in ALIVE_STATISTICS)
 
 
+def _level_alive(level: dict | None, worlds: int) -> str:
+    return "-" if level is None else f"{level['alive_worlds']}/{worlds}"
+
+
 def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None or value != value else f"{value:{spec}}"
 
@@ -264,17 +319,21 @@ def format_table(report: dict) -> str:
         "context t: the commit timestep of generated frames; cache: full or a rolling window (frames, "
         "the context frames as sinks); alive: worlds whose every frame's mean, std and edge strength stay within the true "
         "frames' range; alive frames: predicted frames before the first exit (min and median over worlds); "
-        "in range: the share of all frames (every world) whose mean / std / edge strength lies within the range.",
+        "in range: the share of all frames (every world) whose mean / std / edge strength lies within the range. "
+        "The range is the world's true frames (its clip and a 1,000-frame walk); 'level' repeats alive and in range "
+        f"against the level's range (walks in {LEVEL_WORLDS} worlds, joined with the world's).",
         "",
         "| setting | context t | cache | PSNR 32 | PSNR all | alive | alive frames min | median "
-        "| in range % mean / std / edge | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| in range % mean / std / edge | level: alive | level: in range % | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['name']} | {r['context_timestep']:g} | {r['cache']} | {_fmt(r['psnr_first32'])} | "
             f"{_fmt(r['psnr_all'])} | {r['alive_worlds']}/{r['worlds']} | {r['min_alive_frames']} | "
-            f"{r['median_alive_frames']:g} | {_percentages(r.get('in_range'))} | {r['seconds']:.1f} |"
+            f"{r['median_alive_frames']:g} | {_percentages(r.get('in_range'))} | "
+            f"{_level_alive(r.get('level'), r['worlds'])} | {_percentages((r.get('level') or {}).get('in_range'))} | "
+            f"{r['seconds']:.1f} |"
         )
     lines += ["", f"winner: {report['winner']['name']} ({report['winner']['reason']})"]
     return "\n".join(lines)

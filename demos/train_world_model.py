@@ -24,7 +24,7 @@ gets a random absolute position offset (rotary angles as large as a 1,000-frame 
 
 **Fine-tuning for long rollouts** (``--init FOLDER``: start from these weights, fresh optimizer). The
 shipped model's rollouts drift within tens of frames: their frames' mean and contrast leave the range
-of true frames (``benchmarks/bench_world_model_long.py``). Three options target that exposure bias,
+of true frames (``benchmarks/bench_world_model_long.py``). Four options target that exposure bias,
 all off by default:
 
 - ``--rollout-context P`` (with ``--rollout-every N``): a fraction P of each batch's clips take as
@@ -39,6 +39,13 @@ all off by default:
 - ``--self-context P`` does the same with the model's one-step estimates of the context frames.
 - ``--context-noise S`` noises context frames to a sigma drawn from [0, S] (GameNGen's noise
   augmentation), for rollouts that commit their frames re-noised (``context_timestep``).
+- ``--dmd W`` (with ``--init``, ``--rollout-window`` and longer ``--rollout-frames``): distribution
+  matching (DMD, as Self-Forcing and CausVid train) on the model's own rollouts, weighted ``W`` beside
+  the diffusion loss: the model samples the frame after a rolling-window view of its rollout, and the
+  sample is pushed toward what the frozen initial weights (the teacher) expect there, away from what a
+  fake score model trained on the samples has learnt. With this small model as its teacher it
+  sharpened frames into texture (``world_model_stability.md``, section 5.2). ``--rollout-timesteps``
+  sets the sampler of the rollouts, DMD's generator and ``--eval-samplers init``.
 
 ``--eval-samplers init`` evaluates only the initial weights' sampler.
 
@@ -73,7 +80,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from vidaccel.metrics import psnr
-from vidaccel.pipelines.causal_wan import flow_sigmas, rotary_emb_frames
+from vidaccel.pipelines.causal_wan import check_denoising_timesteps, flow_sigmas, rotary_emb_frames
 from vidaccel.pipelines.game import ACTIONS, FRAME_SIZE, LEVELS, GameEnv, random_actions, scripted_actions
 from vidaccel.pipelines.world_model import LEVEL_TOKENS, level_embeddings, world_model_config
 from vidaccel.processors import WanAdapter
@@ -115,12 +122,17 @@ def main() -> None:
     if 2 * num_params > MAX_WEIGHT_BYTES:
         raise ValueError(f"{num_params} parameters exceed {MAX_WEIGHT_BYTES} bytes in bf16")
     ema = copy.deepcopy(model).requires_grad_(False)
+    # DMD: the teacher (frozen) and the fake score model (trained on the model's samples) start as --init
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if args.dmd > 0 else None
+    fake = copy.deepcopy(model) if args.dmd > 0 else None
     init_meta = _init_metadata(args.init)
     # the sampler the initial weights shipped with: the rollout buffer's, and the evaluation's with
     # ``--eval-samplers init``
     init_sampler = (
         None if init_meta is None else (tuple(init_meta["denoising_timesteps"]), float(init_meta["shift"]))
     )
+    if args.rollout_timesteps is not None:
+        init_sampler = (args.rollout_timesteps, init_sampler[1] if init_sampler else SAMPLERS[0][1])
     rollout_sampler = init_sampler or SAMPLERS[0]
     trainer = Trainer(
         device,
@@ -129,8 +141,15 @@ def main() -> None:
         rollout_context=args.rollout_context,
         rollout_sampler=rollout_sampler,
     )
-    trainer.install(model)
-    trainer.install(ema)
+    for net in (model, ema, teacher, fake):
+        if net is not None:
+            trainer.install(net)
+    fake_optimizer = (
+        None
+        if fake is None
+        else torch.optim.AdamW(fake.parameters(), lr=args.fake_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    )
+    dmd_window = []
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     budget = args.minutes * 60
@@ -146,7 +165,7 @@ def main() -> None:
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if args.rollout_context > 0 and step % args.rollout_every == 0:
+        if (args.rollout_context > 0 or args.dmd > 0) and step % args.rollout_every == 0:
             started = time.perf_counter()
             trainer.refresh_rollouts(
                 model, data, args.batch, args.clip_frames, generator, args.rollout_frames, args.rollout_window
@@ -155,10 +174,23 @@ def main() -> None:
         batch = data.sample(args.batch, args.clip_frames, generator, far_frames=args.far_frames)
         batch = trainer.mix_rollouts(batch, generator)
         loss = trainer.loss(model, batch, generator)
+        total = loss
+        if args.dmd > 0:
+            clips = trainer.window_clips(args.batch, args.rollout_window, generator)
+            dmd_loss, sample = trainer.dmd_loss(model, teacher, fake, clips, generator, args.dmd_sigma_min)
+            total = loss + args.dmd * dmd_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if args.dmd > 0:
+            for _ in range(args.fake_steps):
+                fake_loss = trainer.fake_score_loss(fake, clips, sample, generator)
+                fake_optimizer.zero_grad(set_to_none=True)
+                fake_loss.backward()
+                torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
+                fake_optimizer.step()
+            dmd_window.append(torch.stack([dmd_loss.detach(), fake_loss.detach()]))
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
@@ -170,8 +202,15 @@ def main() -> None:
             curve.append(
                 {"step": step, "loss": mean, "lr": lr, "seconds": round(time.perf_counter() - train_start, 2)}
             )
+            extra = ""
+            if dmd_window:
+                dmd_mean, fake_mean = torch.stack(dmd_window).mean(0).tolist()
+                dmd_window.clear()
+                curve[-1] |= {"dmd_loss": dmd_mean, "fake_loss": fake_mean}
+                extra = f"  dmd {dmd_mean:.4f}  fake {fake_mean:.4f}"
             print(
-                f"step {step:5d}  loss {mean:.4f}  lr {lr:.2e}  {(time.perf_counter() - train_start) / step:.3f}s/step",
+                f"step {step:5d}  loss {mean:.4f}{extra}  lr {lr:.2e}  "
+                f"{(time.perf_counter() - train_start) / step:.3f}s/step",
                 flush=True,
             )
     train_seconds = time.perf_counter() - train_start
@@ -231,9 +270,13 @@ def main() -> None:
             "rollout_frames": args.rollout_frames or args.clip_frames,
             "rollout_window": args.rollout_window,
             "rollout_sampler": {"denoising_timesteps": list(rollout_sampler[0]), "shift": rollout_sampler[1]}
-            if args.rollout_context
+            if args.rollout_context or args.dmd
             else None,
             "rollout_seconds": round(rollout_seconds, 1),
+            "dmd": args.dmd,
+            "dmd_sigma_min": args.dmd_sigma_min if args.dmd else None,
+            "fake_lr": args.fake_lr if args.dmd else None,
+            "fake_steps": args.fake_steps if args.dmd else None,
             "init": None if args.init is None else str(args.init),
             "init_training": None if init_meta is None else init_meta.get("training"),
             "lr": args.lr,
@@ -343,6 +386,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="buffer rollouts through a rolling window of this many frames, the true start as sinks, as "
         "a rollout with max_cache_frames=N deploys it (default: the whole past)",
     )
+    parser.add_argument(
+        "--rollout-timesteps",
+        default=None,
+        help="the sampler timesteps of the buffer rollouts, DMD's generator and --eval-samplers init, "
+        "comma-separated (default: --init's world_model.json)",
+    )
+    parser.add_argument(
+        "--dmd",
+        type=float,
+        default=0.0,
+        help="weight of distribution matching (DMD) on the model's own rollouts, added to the diffusion "
+        "loss (default 0: off; needs --rollout-window and --rollout-frames above it)",
+    )
+    parser.add_argument(
+        "--dmd-sigma-min",
+        type=float,
+        default=0.3,
+        help="DMD compares the teachers' denoisings at sigmas drawn from [this, 0.98] (default 0.3)",
+    )
+    parser.add_argument("--fake-lr", type=float, default=3e-4, help="learning rate of DMD's fake score model")
+    parser.add_argument(
+        "--fake-steps", type=int, default=1, help="fake score updates per generator step (default 1)"
+    )
     args = parser.parse_args(argv)
     defaults = dict(
         minutes=(0.6, 6.3), batch=(2, 32), clip_frames=(6, 16), far_frames=(2, 4), episodes=(8, 256),
@@ -369,6 +435,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(
             f"--rollout-window must exceed the {CONTEXT_FRAMES} sink frames, got {args.rollout_window}"
         )
+    if args.rollout_timesteps is not None:
+        args.rollout_timesteps = tuple(float(t) for t in args.rollout_timesteps.split(","))
+        check_denoising_timesteps(args.rollout_timesteps)
+    if args.dmd < 0:
+        raise ValueError(f"--dmd must be >= 0, got {args.dmd}")
+    if args.dmd > 0:
+        if args.init is None:
+            raise ValueError(
+                "--dmd fine-tunes: it needs --init (the teacher and the fake score start from it)"
+            )
+        if args.rollout_window is None or (args.rollout_frames or args.clip_frames) <= args.rollout_window:
+            raise ValueError(
+                "--dmd needs --rollout-window W and --rollout-frames above W (the window's view)"
+            )
+        if not 0.0 < args.dmd_sigma_min < 0.98:
+            raise ValueError(f"--dmd-sigma-min must be in (0, 0.98), got {args.dmd_sigma_min}")
+        if args.fake_steps < 1:
+            raise ValueError(f"--fake-steps must be >= 1, got {args.fake_steps}")
     if args.clip_frames <= args.far_frames + 2:
         raise ValueError(
             f"--clip-frames must exceed --far-frames + 2 = {args.far_frames + 2}, got {args.clip_frames}"
@@ -736,6 +820,87 @@ class Trainer:
         mixed["clean"][:count] = torch.arange(frames, device=self.device)[None, :] < prefix[:, None]
         mixed["rolled"][:count] = True
         return mixed
+
+    def window_clips(self, count: int, window: int, generator) -> dict:
+        """``count`` rolling-window views of the rollout buffer, each ending in a frame to generate: a
+        buffer clip's true start (the sinks), the ``window - start`` rolled frames before its frame
+        ``j`` (drawn from ``[window, length)``), and frame ``j``'s action and position. ``{"past"
+        [B, 3, window, H, W], "actions"/"positions" [B, window + 1], "levels" [B]}``."""
+        buffer, start = self.buffer, self.buffer["start"]
+        length = buffer["actions"].shape[1]
+        rows = (torch.rand(count, generator=generator, device=self.device) * buffer["x0"].shape[0]).long()
+        last = (
+            window + (torch.rand(count, generator=generator, device=self.device) * (length - window)).long()
+        )
+        recent = last[:, None] - (window - start) + torch.arange(window - start, device=self.device)
+        index = torch.cat(
+            [torch.arange(start, device=self.device).expand(count, -1), recent, last[:, None]], 1
+        )
+        return {
+            "past": buffer["context"][rows[:, None], :, index[:, :-1]].permute(0, 2, 1, 3, 4),
+            "actions": buffer["actions"][rows[:, None], index],
+            "positions": buffer["positions"][rows[:, None], index],
+            "levels": buffer["levels"][rows],
+        }
+
+    def _next_frame(self, model, clips: dict, frame: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The flow prediction for the frame after ``clips``' past: ``frame`` ``[B, 3, 1, H, W]`` at
+        per-clip ``sigma`` ``[B]``, the past clean."""
+        past = clips["past"]
+        sigmas = torch.zeros(past.shape[0], past.shape[2] + 1, device=self.device)
+        sigmas[:, -1] = sigma
+        flow = self.forward(
+            model, torch.cat([past, frame], 2), clips["actions"], sigmas, clips["positions"], clips["levels"]
+        )
+        return flow[:, :, -1:]
+
+    def dmd_loss(self, model, teacher, fake, clips: dict, generator, sigma_min: float):
+        """Distribution matching distillation (DMD, as Self-Forcing and CausVid train) on the model's
+        own rollouts: the model samples the next frame of each window view with ``rollout_sampler``
+        (every step but the last without gradient), the sample is noised to a sigma in ``[sigma_min,
+        0.98]``, and the loss pushes it along ``x0_teacher - x0_fake``: toward the frames the teacher
+        (the initial weights, frozen) expects after this past, away from the ones the fake score
+        model (trained on the model's samples, :meth:`fake_score_loss`) has learnt the model makes.
+        Unlike a regression toward the true next frame, which after a drift is unpredictable and
+        teaches its blurred mean, this matches distributions, so samples keep the contrast of real
+        frames. ``-> (loss, the sample [B, 3, 1, H, W] detached)``."""
+        past = clips["past"]
+        batch = past.shape[0]
+        shape = (batch, 3, 1, *past.shape[-2:])
+        sigmas = flow_sigmas(*self.rollout_sampler)
+        latents = torch.randn(shape, generator=generator, device=self.device)
+        with torch.no_grad(), _eval_mode(model):
+            for step, sigma in enumerate(sigmas[:-1]):
+                flow = self._next_frame(
+                    model, clips, latents, torch.full((batch,), sigma, device=self.device)
+                )
+                noise = torch.randn(shape, generator=generator, device=self.device)
+                latents = (1 - sigmas[step + 1]) * (latents - sigma * flow) + sigmas[step + 1] * noise
+        last = sigmas[-1]
+        sample = latents - last * self._next_frame(
+            model, clips, latents, torch.full((batch,), last, device=self.device)
+        )
+        sigma = sigma_min + (0.98 - sigma_min) * torch.rand(batch, generator=generator, device=self.device)
+        s = sigma[:, None, None, None, None]
+        noisy = (1 - s) * sample.detach() + s * torch.randn(shape, generator=generator, device=self.device)
+        with torch.no_grad():
+            real = noisy - s * self._next_frame(teacher, clips, noisy, sigma)
+            with _eval_mode(fake):
+                made = noisy - s * self._next_frame(fake, clips, noisy, sigma)
+            scale = (sample.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-4)
+            target = sample.detach() - (made - real) / scale
+        return 0.5 * F.mse_loss(sample, target), sample.detach()
+
+    def fake_score_loss(self, fake, clips: dict, sample: torch.Tensor, generator) -> torch.Tensor:
+        """The fake score model's flow-matching loss on the model's samples ``sample`` after the same
+        pasts, at shifted-uniform sigmas (DMD's second model, which tracks the model's distribution)."""
+        batch = sample.shape[0]
+        uniform = torch.rand(batch, generator=generator, device=self.device)
+        sigma = (3 * uniform / (1 + 2 * uniform)).clamp(min=0.02)
+        s = sigma[:, None, None, None, None]
+        noise = torch.randn(sample.shape, generator=generator, device=self.device)
+        flow = self._next_frame(fake, clips, (1 - s) * sample + s * noise, sigma)
+        return F.mse_loss(flow, noise - sample)
 
 
 @contextlib.contextmanager

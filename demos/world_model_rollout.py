@@ -15,7 +15,8 @@ per method, and measures every method against the game's true frames:
 
 and ``+``-joined combinations, e.g. ``flashblock+tempcache`` (the configs in that order in one
 processor; ``rolling`` combines with anything but ``tempcache``, which has its own budget).
-Every method uses the model's sampler (``world_model.json``) unless ``--timesteps`` gives another.
+Every method uses the model's sampler (``world_model.json``) unless ``--timesteps`` (and ``--eta``,
+the share of fresh noise when a step re-noises) give another.
 
 It writes to ``--out``:
 
@@ -48,6 +49,7 @@ metric of ``vidaccel.metrics.psnr``). Fidelity figures describe this small model
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -61,7 +63,7 @@ from PIL import Image, ImageDraw
 
 import vidaccel
 from vidaccel.metrics import psnr, ssim
-from vidaccel.pipelines.causal_wan import check_denoising_timesteps
+from vidaccel.pipelines.causal_wan import check_denoising_timesteps, check_eta
 from vidaccel.pipelines.game import ACTIONS, GameEnv, parse_actions, random_actions, scripted_actions
 from vidaccel.pipelines.world_model import WorldModelPipeline
 
@@ -76,6 +78,7 @@ FLAG_DB = 0.5  # a method losing more than this against dense over the first 32 
 COPY_LAST_MARGIN_DB = 2.0  # dense must beat the copy-last-frame baseline by this much
 REFERENCE_FRAMES = 1000  # true frames of the stays-alive range beyond the clip's own
 ALIVE_STATISTICS = ("mean", "std", "edge")  # per-frame statistics the stays-alive check bounds
+LEVEL_WORLDS = 32  # worlds whose random walks give a level's range (level_frame_range)
 FPS = 16
 # The plots' reference lines (the methods take the shared method colours).
 REFERENCE_COLORS = {
@@ -131,6 +134,7 @@ def main(argv=None) -> dict:
             seed=args.seed,
             warmup_chunks=args.warmup_chunks,
             **({} if args.timesteps is None else {"denoising_timesteps": args.timesteps}),
+            **({} if args.eta is None else {"eta": args.eta}),
             **rollout_kwargs,
         )
         runs[method] = {
@@ -186,6 +190,7 @@ def main(argv=None) -> dict:
             "sampler": {
                 "denoising_timesteps": args.timesteps or meta["denoising_timesteps"],
                 "shift": meta["shift"],
+                "eta": args.eta if args.eta is not None else meta.get("eta", 1.0),
             },
         },
         "actions": {"context": context_actions, "predicted": actions},
@@ -314,6 +319,25 @@ def true_frame_range(truth: np.ndarray, seed: int, level: int) -> dict:
     return {key: _bounds(values) for key, values in frame_statistics(frames).items()}
 
 
+@functools.lru_cache(maxsize=4)
+def level_frame_range(level: int, worlds: int = LEVEL_WORLDS) -> dict:
+    """The range of each of :func:`frame_statistics` over the true frames of ``level`` in any world:
+    :data:`REFERENCE_FRAMES`-frame random walks in ``worlds`` worlds (seeds ``0 .. worlds - 1``). The
+    stays-alive check's lenient reading ("a true frame of this level"), beside the per-world range of
+    :func:`true_frame_range` ("a true frame of this world")."""
+    noop = [ACTIONS.index("noop")]
+    stats = [
+        frame_statistics(play(seed, level, noop, random_actions(REFERENCE_FRAMES, seed=seed + 1)) / 255.0)
+        for seed in range(worlds)
+    ]
+    return {key: _bounds(np.concatenate([s[key] for s in stats])) for key in ALIVE_STATISTICS}
+
+
+def joined_range(first: dict, second: dict) -> dict:
+    """The smallest range holding both ranges (``{statistic: [low, high]}``)."""
+    return {key: [min(first[key][0], second[key][0]), max(first[key][1], second[key][1])] for key in first}
+
+
 def frame_statistics(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Per-frame statistics of ``frames`` ``[T, H, W, 3]`` (pixels in [0, 1]) that the stays-alive
     check bounds: ``mean`` and ``std`` (a fade, a colour drift, a loss of contrast) and ``edge``, the
@@ -392,6 +416,7 @@ def format_table(report: dict) -> str:
         f"level {s['level']}, seed {s['seed']}"
         + (
             f", sampler timesteps {[round(t) for t in s['sampler']['denoising_timesteps']]}"
+            f" eta {s['sampler'].get('eta', 1.0):g}"
             if "sampler" in s
             else ""
         )
@@ -663,6 +688,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the sampler's denoising timesteps, comma-separated and decreasing in (0, 1000] "
         "(default: the model's, world_model.json)",
     )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="the sampler's share of fresh noise when it re-noises, in [0, 1]: 1 fresh noise (Self-Forcing's "
+        "sampler), 0 the flow ODE's Euler step (default: the model's, world_model.json, else 1)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
     return parser
 
@@ -717,6 +749,11 @@ def _parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
             args.timesteps = parse_timesteps(args.timesteps)
         except ValueError as error:
             parser.error(f"--timesteps: {error}")
+    if args.eta is not None:
+        try:
+            check_eta(args.eta)
+        except ValueError as error:
+            parser.error(f"--eta: {error}")
     if args.actions not in ("random", "scripted") and not args.actions.strip():
         parser.error("--actions must be random, scripted, a file or a comma-separated list of actions")
     return args

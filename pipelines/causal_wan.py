@@ -19,9 +19,12 @@ are warped by the flow shift, ``sigma = shift * s / (1 + (shift - 1) * s)`` with
 (the static shift of diffusers' ``FlowMatchEulerDiscreteScheduler``), and the model is called at
 ``1000 * sigma``. Each step predicts the clean chunk from the flow velocity, ``x0 = x - sigma * v``,
 and re-noises it to the next sigma with fresh noise, ``x = (1 - sigma') x0 + sigma' noise``; the
-last step's ``x0`` is the chunk. The scheduler component is kept for the diffusers format and is not
-stepped. Every random draw (the chunk's noise, then one per re-noising) is made chunk by chunk from
-``generator``, so for one seed a longer rollout begins with the shorter one.
+last step's ``x0`` is the chunk. ``eta`` below 1 mixes the model's own noise estimate into that
+noise; ``eta=0`` is the deterministic flow ODE's Euler step (:func:`renoise_noise`), which for a model
+trained by plain flow matching keeps the detail that re-noising with fresh noise averages away. The
+scheduler component is kept for the diffusers format and is not stepped. Every random draw (the
+chunk's noise, then one per re-noising) is made chunk by chunk from ``generator``, so for one seed a
+longer rollout begins with the shorter one.
 
 **Positions.** Rotary positions continue across chunks: a forward hook on the transformer's
 ``rope`` module replaces its table with the one for the chunk's absolute frames (Wan's formula, which
@@ -59,6 +62,7 @@ __all__ = [
     "ChunkConditioning",
     "RolloutState",
     "check_denoising_timesteps",
+    "check_eta",
     "decode_latent_chunk",
     "flow_sigmas",
     "rotary_emb_at",
@@ -221,6 +225,7 @@ class CausalWanPipeline(DiffusionPipeline):
         chunk_frames: int = 3,
         denoising_timesteps: Sequence[float] = (1000, 750, 500, 250),
         shift: float = 5.0,
+        eta: float = 1.0,
         context_timestep: float = 0,
         max_cache_frames: int | None = None,
         sink_frames: int = 0,
@@ -241,6 +246,11 @@ class CausalWanPipeline(DiffusionPipeline):
                 trimmed, so it changes nothing before it.
             denoising_timesteps: decreasing timesteps in ``(0, 1000]`` before the shift.
             shift: flow shift of the sigmas (> 0).
+            eta: the share of fresh noise when a step re-noises its clean estimate, in ``[0, 1]``:
+                ``1`` (Self-Forcing's sampler) re-noises with fresh noise; ``0`` re-noises with the
+                model's own noise estimate, which makes each step the Euler step of the flow ODE (as
+                diffusers' ``FlowMatchEulerDiscreteScheduler`` steps); between, the noise is
+                ``eta * fresh + sqrt(1 - eta**2) * estimate``.
             context_timestep: timestep in ``[0, 1000]`` of the commit pass that writes a finished
                 chunk into the KV cache (``0``: the clean chunk; above, re-noised to that sigma).
             max_cache_frames, sink_frames: Self-Forcing's rolling-window baseline: the KV cache holds
@@ -257,7 +267,7 @@ class CausalWanPipeline(DiffusionPipeline):
         """
         chunks = self._rollout(
             prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
-            shift, context_timestep, max_cache_frames, sink_frames, generator, output_type,
+            shift, eta, context_timestep, max_cache_frames, sink_frames, generator, output_type,
         )  # fmt: skip
         return self._collected(chunks, output_type, return_dict)
 
@@ -272,6 +282,7 @@ class CausalWanPipeline(DiffusionPipeline):
         chunk_frames: int = 3,
         denoising_timesteps: Sequence[float] = (1000, 750, 500, 250),
         shift: float = 5.0,
+        eta: float = 1.0,
         context_timestep: float = 0,
         max_cache_frames: int | None = None,
         sink_frames: int = 0,
@@ -286,7 +297,7 @@ class CausalWanPipeline(DiffusionPipeline):
         caches like a finished generation."""
         chunks = self._rollout(
             prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
-            shift, context_timestep, max_cache_frames, sink_frames, generator, output_type,
+            shift, eta, context_timestep, max_cache_frames, sink_frames, generator, output_type,
         )  # fmt: skip
         return self._postprocessed(chunks, output_type, return_dict)
 
@@ -340,6 +351,7 @@ class CausalWanPipeline(DiffusionPipeline):
         chunk_frames,
         denoising_timesteps,
         shift,
+        eta,
         context_timestep,
         max_cache_frames,
         sink_frames,
@@ -353,7 +365,7 @@ class CausalWanPipeline(DiffusionPipeline):
         context = self._step_context()
         geometry = self._check_inputs(
             prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
-            shift, context_timestep, max_cache_frames, sink_frames, output_type,
+            shift, eta, context_timestep, max_cache_frames, sink_frames, output_type,
         )  # fmt: skip
         conditioning = conditioning or ChunkConditioning()
         latent_frames, (channels, *chunk_shape), tokens_per_frame = geometry
@@ -366,7 +378,7 @@ class CausalWanPipeline(DiffusionPipeline):
         geometry = (latent_frames, (channels, *chunk_shape), tokens_per_frame)
         return self._generate(
             context, geometry, prompt, prompt_embeds, chunk_frames, flow_sigmas(denoising_timesteps, shift),
-            context_timestep, max_cache_frames, sink_frames, generator, output_type, conditioning,
+            float(eta), context_timestep, max_cache_frames, sink_frames, generator, output_type, conditioning,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -378,6 +390,7 @@ class CausalWanPipeline(DiffusionPipeline):
         prompt_embeds,
         chunk_frames: int,
         sigmas: list[float],
+        eta: float,
         context_timestep: float,
         max_cache_frames: int | None,
         sink_frames: int,
@@ -441,11 +454,10 @@ class CausalWanPipeline(DiffusionPipeline):
                     )
                     for step, sigma in enumerate(sigmas):
                         context.chunk_step = step
-                        clean = latents - sigma * forward(latents, sigma).float()
+                        flow = forward(latents, sigma).float()
+                        clean = latents - sigma * flow
                         if step + 1 < len(sigmas):
-                            noise = randn_tensor(
-                                chunk_shape, generator=generator, device=device, dtype=torch.float32
-                            )
+                            noise = renoise_noise(latents, flow, sigma, eta, generator)
                             latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
                     clean = conditioning.chunk_done(clean, rollout.frame_offset)
                     if chunk + 1 < num_chunks:
@@ -499,6 +511,7 @@ class CausalWanPipeline(DiffusionPipeline):
         chunk_frames,
         denoising_timesteps,
         shift,
+        eta,
         context_timestep,
         max_cache_frames,
         sink_frames,
@@ -530,6 +543,7 @@ class CausalWanPipeline(DiffusionPipeline):
         check_denoising_timesteps(denoising_timesteps)
         if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not 0 < shift < math.inf:
             raise ValueError(f"shift must be a float in (0, inf), got {shift!r}")
+        check_eta(eta)
         if (
             not isinstance(context_timestep, (int, float))
             or isinstance(context_timestep, bool)
@@ -587,6 +601,29 @@ def check_denoising_timesteps(denoising_timesteps: Sequence[float]) -> None:
         raise ValueError(
             f"denoising_timesteps must be strictly decreasing values in (0, 1000], got {denoising_timesteps!r}"
         )
+
+
+def check_eta(eta) -> None:
+    """Raise ``ValueError`` unless ``eta`` (the sampler's share of fresh noise) is a float in ``[0, 1]``."""
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a float in [0, 1], got {eta!r}")
+
+
+def renoise_noise(
+    latents: torch.Tensor, flow: torch.Tensor, sigma: float, eta: float, generator=None
+) -> torch.Tensor:
+    """The noise a sampler step re-noises its clean estimate ``latents - sigma * flow`` with:
+    ``eta * fresh + sqrt(1 - eta**2) * estimate``, where ``estimate = latents + (1 - sigma) * flow`` is
+    the model's estimate of the noise in ``latents`` (flow matching: ``x = (1 - sigma) x0 + sigma
+    noise``, ``flow = noise - x0``). ``eta = 1``: fresh noise from ``generator``; ``eta = 0``: the
+    estimate, which makes ``(1 - sigma') x0 + sigma' noise`` the flow ODE's Euler step
+    ``latents + (sigma' - sigma) flow`` (no draw)."""
+    if eta == 0:
+        return latents + (1 - sigma) * flow
+    fresh = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if eta == 1:
+        return fresh
+    return eta * fresh + math.sqrt(1 - eta**2) * (latents + (1 - sigma) * flow)
 
 
 def flow_sigmas(timesteps: Sequence[float], shift: float) -> list[float]:

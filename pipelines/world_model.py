@@ -193,6 +193,7 @@ class WorldModelPipeline(CausalWanPipeline):
         level=0,
         denoising_timesteps=None,
         shift: float | None = None,
+        eta: float | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -210,7 +211,9 @@ class WorldModelPipeline(CausalWanPipeline):
             num_frames: predicted frames (>= 1).
             context_actions: the actions that produced the context frames (``T0``); default noop.
             level: level id (or one per batch item) in ``[0, len(levels))``, the cross-attention tokens.
-            denoising_timesteps, shift: the sampler; default from ``world_model.json``.
+            denoising_timesteps, shift, eta: the sampler (``eta`` as in
+                :meth:`CausalWanPipeline.__call__`); default from ``world_model.json`` (``eta``: 1
+                when it names none).
             generator: seeds the noise.
             output_type: ``"np"`` (``[B, num_frames, 64, 64, 3]`` floats in ``[0, 1]``), ``"pil"``,
                 ``"pt"`` (``[B, num_frames, 3, 64, 64]``) or ``"latent"`` (``[B, 3, num_frames, 64, 64]``
@@ -222,7 +225,7 @@ class WorldModelPipeline(CausalWanPipeline):
         """
         chunks = self._world_rollout(
             context_frames, actions, num_frames, context_actions, level, denoising_timesteps, shift,
-            generator, output_type, rollout_kwargs,
+            eta, generator, output_type, rollout_kwargs,
         )  # fmt: skip
         return self._collected(chunks, output_type, return_dict)
 
@@ -236,6 +239,7 @@ class WorldModelPipeline(CausalWanPipeline):
         level=0,
         denoising_timesteps=None,
         shift: float | None = None,
+        eta: float | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -245,13 +249,13 @@ class WorldModelPipeline(CausalWanPipeline):
         are made; concatenated they equal ``__call__``'s video."""
         chunks = self._world_rollout(
             context_frames, actions, num_frames, context_actions, level, denoising_timesteps, shift,
-            generator, output_type, rollout_kwargs,
+            eta, generator, output_type, rollout_kwargs,
         )  # fmt: skip
         return self._postprocessed(chunks, output_type, return_dict)
 
     def _world_rollout(
         self, context_frames, actions, num_frames, context_actions, level, denoising_timesteps, shift,
-        generator, output_type, rollout_kwargs,
+        eta, generator, output_type, rollout_kwargs,
     ) -> Iterator[torch.Tensor]:  # fmt: skip
         unknown = sorted(set(rollout_kwargs) - set(_ROLLOUT_OPTIONS))
         if unknown:
@@ -294,6 +298,7 @@ class WorldModelPipeline(CausalWanPipeline):
             chunk_frames,
             self.metadata["denoising_timesteps"] if denoising_timesteps is None else denoising_timesteps,
             self.metadata["shift"] if shift is None else shift,
+            self.metadata.get("eta", 1.0) if eta is None else eta,
             rollout_kwargs.get("context_timestep", 0),
             rollout_kwargs.get("max_cache_frames"),
             rollout_kwargs.get("sink_frames", 0),

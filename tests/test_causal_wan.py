@@ -222,6 +222,51 @@ def test_flow_sigmas_match_diffusers_shift():
     assert flow_sigmas(timesteps, shift) == pytest.approx(scheduler.sigmas[:-1].tolist(), abs=1e-7)
 
 
+def test_eta_zero_steps_like_diffusers_flow_match_euler_scheduler():
+    """eta=0: each chunk's denoising is the flow ODE as diffusers' FlowMatchEulerDiscreteScheduler steps
+    it (the next step's input, and the chunk = the step to sigma 0); eta=1 keeps fresh noise."""
+    pipe = _pipe()
+    timesteps, shift = (1000, 700, 400, 150), 3.0
+    run = dict(prompt_embeds=_embeds(pipe), num_frames=3, chunk_frames=1, denoising_timesteps=timesteps,
+               shift=shift, **SMALL)  # fmt: skip
+    records, handle = _record_forwards(pipe)
+    video = pipe(eta=0.0, generator=_gen(), **run).frames
+    handle.remove()
+    denoised = [(chunk, x, t, out) for phase, chunk, x, t, out in records if phase == "denoise"]
+    assert len(denoised) == 3 * len(timesteps)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    for chunk in range(3):
+        steps = [(x, t, out) for c, x, t, out in denoised if c == chunk]
+        scheduler.set_timesteps(sigmas=[t / 1000 for t in timesteps])
+        for i, (x, t, out) in enumerate(steps):
+            assert t == pytest.approx(float(scheduler.timesteps[i]), abs=1e-3)
+            stepped = scheduler.step(out, scheduler.timesteps[i], x).prev_sample
+            expected = steps[i + 1][0] if i + 1 < len(steps) else video[:, :, chunk : chunk + 1]
+            assert rel_err(stepped, expected) <= TOL, (chunk, i)
+    fresh = pipe(eta=1.0, generator=_gen(), **run).frames
+    assert torch.equal(fresh, pipe(generator=_gen(), **run).frames)  # eta=1 is the default
+    assert not torch.allclose(fresh, video, atol=1e-3)
+
+
+def test_eta_between_mixes_fresh_noise_and_the_noise_estimate():
+    """0 < eta < 1: the second step's input is (1 - s1) x0 + s1 (eta z + sqrt(1 - eta^2) eps_hat), z the
+    generator's second draw, eps_hat = x + (1 - s0) v the model's noise estimate."""
+    pipe = _pipe()
+    eta, timesteps = 0.6, (1000, 500)
+    records, handle = _record_forwards(pipe)
+    pipe(prompt_embeds=_embeds(pipe), num_frames=1, chunk_frames=1, denoising_timesteps=timesteps, shift=1.0,
+         eta=eta, generator=_gen(), **SMALL)  # fmt: skip
+    handle.remove()
+    (_, _, x0_in, t0, v0), (_, _, x1_in, t1, _) = [r for r in records if r[0] == "denoise"]
+    s0, s1 = t0 / 1000, t1 / 1000
+    generator = _gen()
+    first = torch.randn(x0_in.shape, generator=generator)
+    fresh = torch.randn(x0_in.shape, generator=generator)
+    assert torch.equal(first, x0_in)
+    noise = eta * fresh + math.sqrt(1 - eta**2) * (x0_in + (1 - s0) * v0)
+    assert rel_err(x1_in, (1 - s1) * (x0_in - s0 * v0) + s1 * noise) <= TOL
+
+
 def test_tempcache_works_through_apply_and_set_attn_processor():
     pipe = _pipe()
     run = dict(prompt_embeds=_embeds(pipe), num_frames=6, chunk_frames=2, **SMALL)
@@ -329,6 +374,9 @@ def test_cached_rollout_on_cuda_matches_the_reference_backend():
         (dict(denoising_timesteps=(500, 750)), "denoising_timesteps must be strictly decreasing"),
         (dict(denoising_timesteps=(1200,)), "denoising_timesteps"),
         (dict(shift=0.0), "shift must be a float in \\(0, inf\\)"),
+        (dict(eta=1.5), "eta must be a float in \\[0, 1\\]"),
+        (dict(eta=-0.1), "eta must be a float in \\[0, 1\\]"),
+        (dict(eta=True), "eta must be a float in \\[0, 1\\]"),
         (dict(context_timestep=-1), "context_timestep must be a float in \\[0, 1000\\]"),
         (dict(sink_frames=1), "sink_frames needs max_cache_frames"),
         (

@@ -3,6 +3,7 @@
 (context frames noised, targets untouched), ``--rollout-context`` (the model's own autoregressive
 rollout as context, true targets), the plain objective when all are off, and bad options."""
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -148,6 +149,43 @@ def test_init_loads_the_weights_in_training_mode(train):
         (["--rollout-every", "0"], "--rollout-every must be >= 1, got 0"),
         (["--rollout-frames", "8"], r"--rollout-frames must be >= --clip-frames \(16\), got 8"),
         (["--rollout-window", "4"], "--rollout-window must exceed the 4 sink frames, got 4"),
+        (["--rollout-timesteps", "500,750"], "denoising_timesteps must be strictly decreasing"),
+        (["--dmd", "-1"], "--dmd must be >= 0, got -1.0"),
+        (["--dmd", "1"], "--dmd fine-tunes: it needs --init"),
+        (
+            ["--dmd", "1", "--init", "wm", "--rollout-window", "16"],
+            "--dmd needs --rollout-window W and --rollout-frames above W",
+        ),
+        (
+            [
+                "--dmd",
+                "1",
+                "--init",
+                "wm",
+                "--rollout-window",
+                "8",
+                "--rollout-frames",
+                "32",
+                "--dmd-sigma-min",
+                "1",
+            ],
+            r"--dmd-sigma-min must be in \(0, 0.98\), got 1.0",
+        ),
+        (
+            [
+                "--dmd",
+                "1",
+                "--init",
+                "wm",
+                "--rollout-window",
+                "8",
+                "--rollout-frames",
+                "32",
+                "--fake-steps",
+                "0",
+            ],
+            "--fake-steps must be >= 1, got 0",
+        ),
     ],
 )
 def test_bad_options(train, argv, message):
@@ -262,6 +300,58 @@ def test_rollout_context_trains_true_targets_on_the_models_own_past(train):
     both.install(model)
     x_in = both._own_context(model, mixed, sigma > 0, _gen(11), mixed["context"])
     assert torch.equal(x_in[0], mixed["context"][0]) and not torch.equal(x_in[1], mixed["context"][1])
+
+
+def test_dmd_reads_window_views_and_pushes_samples_from_fake_toward_teacher(train):
+    """``window_clips``: a buffer clip's sinks, the rolled frames before frame j, frame j's action and
+    position. ``dmd_loss``: zero with zero gradient while the fake score model equals the teacher;
+    once the fake model has learnt from the samples, the gradient on each sample is
+    ``(x0_fake - x0_teacher) / scale / N`` at the sampled sigma (descent moves toward the teacher)."""
+    model, _, _ = _setup(train, clip_frames=6)
+    trainer = _rollout_trainer(train, model, rollout_context=0.0)
+    trainer.refresh_rollouts(model, _data(train), 3, 6, _gen(7), rollout_frames=12, window=5)
+    buffer, start = trainer.buffer, trainer.buffer["start"]
+    clips = trainer.window_clips(4, 5, _gen(8))
+    assert clips["past"].shape == (4, 3, 5, 64, 64) and clips["positions"].shape == (4, 6)
+    for c in range(4):
+        row = next(
+            i for i in range(3) if torch.equal(buffer["positions"][i, :start], clips["positions"][c, :start])
+        )
+        j = int(clips["positions"][c, -1] - buffer["positions"][row, 0])
+        index = [*range(start), *range(j - (5 - start), j)]
+        assert 5 <= j < 12
+        assert torch.equal(clips["past"][c], buffer["context"][row][:, index])
+        assert torch.equal(clips["actions"][c], buffer["actions"][row, [*index, j]])
+        assert torch.equal(clips["positions"][c], buffer["positions"][row, [*index, j]])
+    teacher, fake = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(model)
+    for net in (teacher, fake):
+        trainer.install(net)
+    loss, sample = trainer.dmd_loss(model, teacher, fake, clips, _gen(9), 0.3)
+    loss.backward()
+    assert loss.item() == 0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert sample.shape == (4, 3, 1, 64, 64) and not sample.requires_grad
+    optimizer = torch.optim.SGD(fake.parameters(), lr=0.5)
+    fake_loss = trainer.fake_score_loss(fake, clips, sample, _gen(10))
+    fake_loss.backward()
+    optimizer.step()
+    assert torch.isfinite(fake_loss)
+    calls = _capture_inputs(trainer)
+    trainer.dmd_loss(model, teacher, fake, clips, _gen(9), 0.3)
+    noisy, sigma = calls[-1]  # the fake model's call on the noised sample
+    sigma = sigma[:, -1, None, None, None, None]
+    x = noisy[:, :, -1:]
+    with torch.no_grad():
+        real = x - sigma * trainer._next_frame(teacher, clips, x, sigma.flatten())
+        made = x - sigma * trainer._next_frame(fake, clips, x, sigma.flatten())
+    model.zero_grad()
+    loss, again = trainer.dmd_loss(model, teacher, fake, clips, _gen(9), 0.3)
+    loss.backward()
+    assert torch.equal(again, sample), "the same draws and weights: the same sample"
+    assert any(p.grad is not None and p.grad.any() for p in model.parameters())
+    assert loss.item() > 0
+    scale = (sample - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    expected = 0.5 * (((made - real) / scale) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-7)
 
 
 def _data(train):

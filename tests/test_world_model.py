@@ -84,6 +84,22 @@ def test_random_weights_loader():
     assert video.shape == (1, 1, 64, 64, 3)
 
 
+def test_eta_defaults_to_world_model_json():
+    """``eta`` comes from ``world_model.json`` when it names one (else 1, the fresh-noise sampler);
+    an argument overrides it."""
+    frames, actions = _episode(5)
+    run = dict(context_frames=frames[:4], actions=actions[4:5], num_frames=1, output_type="latent")
+    plain, ode = _tiny_pipe(), _tiny_pipe(eta=0.0)
+    fresh = plain(**run, generator=_gen()).frames
+    assert torch.equal(plain(**run, eta=1.0, generator=_gen()).frames, fresh)
+    by_metadata = ode(**run, generator=_gen()).frames
+    assert torch.equal(plain(**run, eta=0.0, generator=_gen()).frames, by_metadata)
+    assert torch.equal(ode(**run, eta=1.0, generator=_gen()).frames, fresh)
+    assert not torch.equal(by_metadata, fresh)
+    with pytest.raises(ValueError, match=r"eta must be a float in \[0, 1\]"):
+        plain(**run, eta=2.0)
+
+
 def test_missing_weights_error(tmp_path):
     with pytest.raises(ValueError, match=r"no world model at .* \(missing config.json, .*assets/world_model"):
         WorldModelPipeline.from_pretrained_world_model(tmp_path)

@@ -65,7 +65,9 @@ def test_rollout_writes_video_plots_and_report(demo_run, rollout):
     assert list(report["methods"]) == [m for m in rollout.CPU_DEFAULTS["methods"] if m in rollout.METHODS]
     assert report["settings"]["frames"] == FRAMES and report["settings"]["context"] == CONTEXT
     shipped = json.loads((ROOT / "assets" / "world_model" / "world_model.json").read_text())
-    assert report["settings"]["sampler"] == {k: shipped[k] for k in ("denoising_timesteps", "shift")}
+    assert report["settings"]["sampler"] == {k: shipped[k] for k in ("denoising_timesteps", "shift")} | {
+        "eta": shipped.get("eta", 1.0)
+    }
     files = report["files"]
     capture = cv2.VideoCapture(str(out / files["video"]))
     frames = []
@@ -234,6 +236,20 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
                 for value in world[f"per_frame_{key}"]
             ]
             assert row["in_range"][key] == pytest.approx(np.mean(inside))
+        # the level's range holds the world's, so the lenient check passes whatever the strict one does
+        for world, level, exit_level, bounds in zip(
+            row["per_world"],
+            report["level_ranges"],
+            row["level"]["first_exits"],
+            report["ranges"],
+            strict=True,
+        ):
+            for key in ("mean", "std", "edge"):
+                assert level[key][0] <= bounds[key][0] and bounds[key][1] <= level[key][1]
+            assert exit_level is None if world["alive"] else True
+            assert exit_level is None or world["first_exit"] is not None and exit_level >= world["first_exit"]
+        assert row["level"]["alive_worlds"] >= row["alive_worlds"]
+        assert all(row["level"]["in_range"][k] >= row["in_range"][k] for k in ("mean", "std", "edge"))
     # a full cache and an 8-frame window hold the same 4 context + 3 frames: identical rollouts
     full, window = report["rows"][0], report["rows"][2]
     assert full["psnr_all"] == window["psnr_all"]
@@ -272,6 +288,18 @@ def test_long_rollout_sweep_samplers(tmp_path):
     assert [row["name"] for row in rows] == ["t0/full/ts1000-500", "t0/full/ts1000-500-100"]
     assert [row["timesteps"] for row in rows] == [[1000.0, 500.0], [1000.0, 500.0, 100.0]]
     assert rows[0]["psnr_all"] != rows[1]["psnr_all"]
+
+
+def test_level_frame_range_spans_every_worlds_true_frames(rollout):
+    """The level's range holds each of its worlds' walks; worlds differ, so it is wider than one's."""
+    level = rollout.level_frame_range(0, worlds=3)
+    for seed in range(3):
+        walk = rollout.play(seed, 0, [0], rollout.random_actions(rollout.REFERENCE_FRAMES, seed=seed + 1))
+        for key, values in rollout.frame_statistics(walk / 255.0).items():
+            assert level[key][0] <= values.min() and values.max() <= level[key][1]
+    world = rollout.true_frame_range(np.zeros((0, 64, 64, 3), np.uint8), 1, 0)  # world 1: its walk alone
+    assert level["std"][1] - level["std"][0] > world["std"][1] - world["std"][0]
+    assert rollout.joined_range({"a": [0, 1]}, {"a": [-1, 0.5]}) == {"a": [-1, 1]}
 
 
 def test_parse_timesteps(rollout):
