@@ -106,6 +106,8 @@ def main(argv=None) -> dict:
     (args.out / "progress.json").unlink(missing_ok=True)
     pipe = load_world_model(args)
     meta = pipe.metadata
+    rollout_window(args, meta)
+    _check_window(parser, args)
     chunk_frames = int(meta["chunk_frames"])
     context = args.context if args.context is not None else int(meta["context_frames"])
     if context < chunk_frames or context % chunk_frames:
@@ -648,9 +650,17 @@ def _parser() -> argparse.ArgumentParser:
         f"(default CPU {','.join(m for m in CPU_DEFAULTS['methods'] if m in METHODS)}; "
         f"CUDA {','.join(m for m in GPU_DEFAULTS['methods'] if set(m.split('+')) <= set(METHODS))})",
     )
-    parser.add_argument("--window-frames", type=int, default=21, help="rolling window in frames (default 21)")
     parser.add_argument(
-        "--sink-frames", type=int, default=3, help="sink frames of the rolling window (default 3)"
+        "--window-frames",
+        type=int,
+        default=None,
+        help="rolling window in frames (default: the model's recommended_rollout in world_model.json, else 21)",
+    )
+    parser.add_argument(
+        "--sink-frames",
+        type=int,
+        default=None,
+        help="sink frames of the rolling window (default: the model's recommended_rollout, else 3)",
     )
     parser.add_argument(
         "--threshold", type=float, default=None, help="TempCache threshold (default: the config's)"
@@ -710,6 +720,23 @@ def parse_timesteps(text: str) -> list[float]:
     return values
 
 
+def _check_window(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if None not in (args.sink_frames, args.window_frames) and args.sink_frames >= args.window_frames:
+        parser.error(
+            f"--sink-frames must be < --window-frames ({args.window_frames}), got {args.sink_frames}"
+        )
+
+
+def rollout_window(args: argparse.Namespace, metadata: dict) -> None:
+    """Fill ``--window-frames`` and ``--sink-frames`` left unset from the model's
+    ``recommended_rollout`` (the window it was measured stable with), else 21 and 3."""
+    recommended = metadata.get("recommended_rollout") or {}
+    if args.window_frames is None:
+        args.window_frames = int(recommended.get("max_cache_frames", 21))
+    if args.sink_frames is None:
+        args.sink_frames = int(recommended.get("sink_frames", 3))
+
+
 def _parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -734,12 +761,9 @@ def _parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
         ("warmup_chunks", 0),
         ("view_scale", 1),
     ):
-        if getattr(args, name) < low:
+        if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if args.sink_frames >= args.window_frames:
-        parser.error(
-            f"--sink-frames must be < --window-frames ({args.window_frames}), got {args.sink_frames}"
-        )
+    _check_window(parser, args)
     if not -args.frames <= args.frame_index < args.frames:
         parser.error(
             f"--frame-index must be in [-{args.frames}, {args.frames - 1}] (--frames {args.frames}), got {args.frame_index}"

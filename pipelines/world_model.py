@@ -36,6 +36,7 @@ from .game import ACTIONS, FRAME_SIZE, LEVELS, parse_actions
 
 __all__ = [
     "DEFAULT_WORLD_MODEL",
+    "LONG_WORLD_MODEL",
     "LEVEL_TOKENS",
     "WorldModelPipeline",
     "default_metadata",
@@ -45,6 +46,11 @@ __all__ = [
 
 DEFAULT_WORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "world_model"
 """The shipped world model: ``assets/world_model`` of the repository (editable installs)."""
+
+LONG_WORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "world_model_long"
+"""The world model for long rollouts: ``assets/world_model_long``, a weight average of two
+fine-tunings of the shipped model, with the rolling window it was measured stable with in its
+``world_model.json`` (``recommended_rollout``)."""
 
 LEVEL_TOKENS = {"num_tokens": 4, "dim": 32, "seed": 0}
 """The level's prompt-like token sequence: ``num_tokens`` fixed random vectors of ``dim`` per level

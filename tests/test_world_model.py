@@ -13,7 +13,14 @@ from safetensors import safe_open
 
 import vidaccel
 from vidaccel import DenseProcessor, TempCacheConfig
-from vidaccel.pipelines import ACTIONS, DEFAULT_WORLD_MODEL, GameEnv, WorldModelPipeline, random_actions
+from vidaccel.pipelines import (
+    ACTIONS,
+    DEFAULT_WORLD_MODEL,
+    LONG_WORLD_MODEL,
+    GameEnv,
+    WorldModelPipeline,
+    random_actions,
+)
 from vidaccel.pipelines.world_model import default_metadata, world_model_config
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "demos" / "train_world_model.py"
@@ -66,6 +73,35 @@ def test_shipped_weights_load_and_roll_out():
     # A trained model beats noise by far: the next frame is close to the truth.
     error = np.abs(video[0, 0] - frames[1] / 255).mean()
     assert error < 0.1, error
+
+
+@pytest.mark.skipif(not (LONG_WORLD_MODEL / "world_model.json").is_file(), reason="no long-rollout model")
+def test_long_rollout_model_loads_and_rolls_out_through_its_window():
+    """``assets/world_model_long``: bf16 weights within the size budget, the shipped model's
+    architecture, a record of how it was made, and a recommended window the pipeline accepts."""
+    metadata = json.loads((LONG_WORLD_MODEL / "world_model.json").read_text())
+    shipped = json.loads((DEFAULT_WORLD_MODEL / "config.json").read_text())
+    config = json.loads((LONG_WORLD_MODEL / "config.json").read_text())
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == {
+        k: v for k, v in shipped.items() if not k.startswith("_")
+    }
+    assert (LONG_WORLD_MODEL / "diffusion_pytorch_model.safetensors").stat().st_size <= 15_000_000
+    with safe_open(LONG_WORLD_MODEL / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    assert metadata["training"]["average"]["alpha"] == 0.25
+    window = metadata["recommended_rollout"]
+    assert window["sink_frames"] == metadata["context_frames"] < window["max_cache_frames"]
+    pipe = WorldModelPipeline.from_pretrained_world_model(LONG_WORLD_MODEL, device="cpu")
+    pipe.set_attn_processor(DenseProcessor(backend=REFERENCE))
+    frames, actions = _episode(7)
+    run = dict(context_actions=actions[:4], denoising_timesteps=[1000, 500])
+    windowed = pipe(frames[:4], actions[4:7], 3, max_cache_frames=window["max_cache_frames"],
+                    sink_frames=window["sink_frames"], generator=_gen(), **run).frames  # fmt: skip
+    full = pipe(frames[:4], actions[4:7], 3, generator=_gen(), **run).frames
+    assert windowed.shape == (1, 3, 64, 64, 3) and np.isfinite(windowed).all()
+    # an 8-frame window holds the 4 context and 3 predicted frames: the same rollout as the full cache
+    np.testing.assert_array_equal(windowed, full)
+    assert np.abs(windowed[0, 0] - frames[4] / 255).mean() < 0.1
 
 
 def test_random_weights_loader():

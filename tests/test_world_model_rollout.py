@@ -7,6 +7,7 @@ these rollouts would take minutes). Flipping the variable inside this process in
 kernel modules imported meanwhile compile for a GPU that is not there.
 """
 
+import argparse
 import importlib.util
 import json
 import math
@@ -300,6 +301,21 @@ def test_level_frame_range_spans_every_worlds_true_frames(rollout):
     world = rollout.true_frame_range(np.zeros((0, 64, 64, 3), np.uint8), 1, 0)  # world 1: its walk alone
     assert level["std"][1] - level["std"][0] > world["std"][1] - world["std"][0]
     assert rollout.joined_range({"a": [0, 1]}, {"a": [-1, 0.5]}) == {"a": [-1, 1]}
+
+
+def test_rolling_window_defaults_to_the_models_recommendation(rollout):
+    """``--window-frames``/``--sink-frames`` left unset take the model's ``recommended_rollout``
+    (else 21 and 3); given ones stay."""
+    recommended = {"recommended_rollout": {"max_cache_frames": 8, "sink_frames": 4}}
+    for given, metadata, expected in (
+        ((None, None), recommended, (8, 4)),
+        ((None, None), {}, (21, 3)),
+        ((12, None), recommended, (12, 4)),
+        ((30, 2), recommended, (30, 2)),
+    ):
+        args = argparse.Namespace(window_frames=given[0], sink_frames=given[1])
+        rollout.rollout_window(args, metadata)
+        assert (args.window_frames, args.sink_frames) == expected
 
 
 def test_parse_timesteps(rollout):
