@@ -20,8 +20,9 @@ are warped by the flow shift, ``sigma = shift * s / (1 + (shift - 1) * s)`` with
 ``1000 * sigma``. Each step predicts the clean chunk from the flow velocity, ``x0 = x - sigma * v``,
 and re-noises it to the next sigma with fresh noise, ``x = (1 - sigma') x0 + sigma' noise``; the
 last step's ``x0`` is the chunk. ``eta`` below 1 mixes the model's own noise estimate into that
-noise; ``eta=0`` is the deterministic flow ODE's Euler step (:func:`renoise_noise`), which for a model
-trained by plain flow matching keeps the detail that re-noising with fresh noise averages away. The
+noise; ``eta=0`` is the deterministic flow ODE's Euler step (:func:`renoise_noise`), the sampler a
+model trained by plain flow matching implies: it keeps the detail that fresh noise averages away, the
+model's errors included (on the game world model it brought texture: ``world_model_stability.md``). The
 scheduler component is kept for the diffusers format and is not stepped. Every random draw (the
 chunk's noise, then one per re-noising) is made chunk by chunk from ``generator``, so for one seed a
 longer rollout begins with the shorter one.
