@@ -48,6 +48,7 @@ import numpy as np
 os.environ.setdefault("TRITON_INTERPRET", "0")  # CPU: the PyTorch references, not the interpreter
 
 from vidaccel.metrics import psnr  # noqa: E402
+from vidaccel.pipelines.causal_wan import check_eta  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
@@ -165,8 +166,7 @@ def main(argv=None) -> dict:
         "model": "random weights"
         if args.random_weights
         else str(args.model or "shipped (assets/world_model)"),
-        "sampler": {k: pipe.metadata[k] for k in ("denoising_timesteps", "shift")}
-        | {"eta": pipe.metadata.get("eta", 1.0)},
+        "sampler": pipe.sampler,
         "settings": {**spec, "context": context, "seeds_list": seeds, "first": FIRST},
         "ranges": ranges,
         "level_ranges": level_ranges,
@@ -199,8 +199,9 @@ def _settings(
         eta_values = [None] if etas is None else [float(e) for e in etas.split(",")]
     except ValueError:
         raise ValueError(f"--etas are comma-separated numbers in [0, 1], got {etas!r}") from None
-    if any(e is not None and not 0 <= e <= 1 for e in eta_values):
-        raise ValueError(f"--etas must lie in [0, 1], got {etas!r}")
+    for eta in eta_values:
+        if eta is not None:
+            check_eta(eta)
     if any(not 0 <= t <= 1000 for t in timesteps):
         raise ValueError(f"--context-timesteps must lie in [0, 1000], got {context_timesteps!r}")
     windows = []
@@ -249,9 +250,6 @@ def _measure(
         )
     exits = [w["first_exit"] if w["first_exit"] is not None else len(video[0]) for w in worlds]
     frames = video.shape[0] * video.shape[1]
-    in_range = {  # the share of all frames (every world) whose statistic lies within the true range
-        key: sum(w[f"{key}_frames_in_range"] for w in worlds) / frames for key in ALIVE_STATISTICS
-    }
     finite = [w["psnr_first32"] for w in worlds if w["psnr_first32"] is not None]
     return {
         "name": f"t{setting['context_timestep']:g}/{setting['cache']}"
@@ -266,18 +264,22 @@ def _measure(
         "alive_worlds": sum(w["alive"] for w in worlds),
         "worlds": len(worlds),
         "median_alive_frames": statistics.median(exits),
-        "in_range": in_range,
+        "in_range": _shares(worlds, frames),
         "min_alive_frames": min(exits),
         "level": {  # the same check against the level's range (any world's true frames)
             "alive_worlds": sum(a["pass"] for a in level),
             "first_exits": [a["first_exit"] for a in level],
-            "in_range": {
-                key: sum(a[f"{key}_frames_in_range"] for a in level) / frames for key in ALIVE_STATISTICS
-            },
+            "in_range": _shares(level, frames),
         },
         "seconds": sum(c["latency_s"] for c in chunks),
         "per_world": worlds,
     }
+
+
+def _shares(worlds: list[dict], frames: int) -> dict:
+    """The share of all ``frames`` (every world) whose statistic lies within the range, from each
+    world's ``{statistic}_frames_in_range`` counts."""
+    return {key: sum(w[f"{key}_frames_in_range"] for w in worlds) / frames for key in ALIVE_STATISTICS}
 
 
 def _winner(rows: list[dict]) -> dict:

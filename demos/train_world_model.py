@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import multiprocessing
@@ -618,8 +619,7 @@ class Trainer:
         def rand():
             return torch.rand(batch_size, chunks, generator=generator, device=self.device)
 
-        uniform = rand()
-        shifted = 3 * uniform / (1 + 2 * uniform)
+        shifted = _shifted(rand())
         picked = self.sampler_sigmas[(rand() * len(self.sampler_sigmas)).long()]
         sigma = torch.where(rand() < 0.5, picked, shifted).clamp(min=0.02)
         sigma = torch.where(rand() < 0.2, 0.0, sigma)
@@ -739,21 +739,29 @@ class Trainer:
                 past = torch.cat([torch.arange(sinks, device=self.device), recent])
             frames = torch.cat([past, torch.arange(t, length, device=self.device)])
             # the chunk's view of the past, gathered once for all its steps
-            seen, seen_actions, seen_positions = video[:, :, past], actions[:, frames], positions[:, frames]
-            sigma_frames = torch.zeros(batch, len(frames), device=self.device)
-            shape = (batch, 3, length - t, *video.shape[-2:])
-            latents = torch.randn(shape, generator=generator, device=self.device)
-            for step, sigma in enumerate(sigmas):
-                sigma_frames[:, len(past) :] = sigma
-                flow = self.forward(
-                    model, torch.cat([seen, latents], 2), seen_actions, sigma_frames, seen_positions, levels
-                )
-                clean = latents - sigma * flow[:, :, len(past) :]
-                if step + 1 < len(sigmas):
-                    noise = torch.randn(shape, generator=generator, device=self.device)
-                    latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
+            view = {
+                "past": video[:, :, past],
+                "actions": actions[:, frames],
+                "positions": positions[:, frames],
+                "levels": levels,
+            }
+            predict = functools.partial(self._chunk_flow, model, view)
+            clean = self._sample(predict, (batch, 3, length - t, *video.shape[-2:]), sigmas, generator)
             video = torch.cat([video, clean.clamp(-1, 1)], 2)
         return video
+
+    def _sample(self, predict, shape, sigmas, generator, grad_last: bool = False) -> torch.Tensor:
+        """The few-step sampler on one chunk: from noise, each step takes the clean estimate
+        ``x - sigma * predict(x, sigma)`` and re-noises it with fresh noise to the next sigma; returns
+        the last step's estimate. ``grad_last``: only the last step records gradients."""
+        latents = torch.randn(shape, generator=generator, device=self.device)
+        for step, sigma in enumerate(sigmas):
+            with torch.set_grad_enabled(grad_last and step + 1 == len(sigmas)):
+                clean = latents - sigma * predict(latents, sigma)
+            if step + 1 < len(sigmas):
+                noise = torch.randn(shape, generator=generator, device=self.device)
+                latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
+        return clean
 
     @torch.no_grad()
     def refresh_rollouts(
@@ -791,17 +799,30 @@ class Trainer:
         count = round(self.rollout_context * size)
         if count == 0:
             return batch
-        pick = (
-            torch.rand(count, generator=generator, device=self.device) * self.buffer["x0"].shape[0]
-        ).long()
         start = self.buffer["start"]
+        view = self._buffer_view(count, frames, generator)
         prefix = (
             start
             + 1
             + (torch.rand(count, generator=generator, device=self.device) * (frames - start - 1)).long()
         )
-        # the frames taken from each picked buffer clip: its true start, then a run of later frames
-        length = self.buffer["actions"].shape[1]
+        mixed = {key: batch[key].clone() for key in ("x0", "actions", "positions", "levels", "clean")}
+        mixed["context"] = batch.get("context", batch["x0"]).clone()
+        mixed["rolled"] = torch.zeros(size, dtype=torch.bool, device=self.device)
+        for key in ("x0", "context", "actions", "positions", "levels"):
+            mixed[key][:count] = view[key]
+        mixed["clean"][:count] = torch.arange(frames, device=self.device)[None, :] < prefix[:, None]
+        mixed["rolled"][:count] = True
+        return mixed
+
+    def _buffer_view(self, count: int, frames: int, generator) -> dict:
+        """``count`` clips of ``frames`` frames from the rollout buffer (with replacement): each picked
+        clip's true start (the sinks), then a run of later frames from a random point after it, at
+        their own positions (a rolling window's view of a long rollout). ``{"x0", "context"
+        [B, 3, F, H, W], "actions", "positions" [B, F], "levels" [B]}``."""
+        buffer, start = self.buffer, self.buffer["start"]
+        length = buffer["actions"].shape[1]
+        pick = (torch.rand(count, generator=generator, device=self.device) * buffer["x0"].shape[0]).long()
         run = (
             start
             + (torch.rand(count, generator=generator, device=self.device) * (length - frames + 1)).long()
@@ -809,50 +830,35 @@ class Trainer:
         sinks = torch.arange(start, device=self.device).expand(count, -1)
         index = torch.cat([sinks, run[:, None] + torch.arange(frames - start, device=self.device)], 1)
         rows = pick[:, None]
-        mixed = {key: batch[key].clone() for key in ("x0", "actions", "positions", "levels", "clean")}
-        mixed["context"] = batch.get("context", batch["x0"]).clone()
-        mixed["rolled"] = torch.zeros(size, dtype=torch.bool, device=self.device)
-        for key in ("x0", "context"):
-            mixed[key][:count] = self.buffer[key][rows, :, index].permute(0, 2, 1, 3, 4)
-        for key in ("actions", "positions"):
-            mixed[key][:count] = self.buffer[key][rows, index]
-        mixed["levels"][:count] = self.buffer["levels"][pick]
-        mixed["clean"][:count] = torch.arange(frames, device=self.device)[None, :] < prefix[:, None]
-        mixed["rolled"][:count] = True
-        return mixed
+        view = {key: buffer[key][rows, :, index].permute(0, 2, 1, 3, 4) for key in ("x0", "context")}
+        view |= {key: buffer[key][rows, index] for key in ("actions", "positions")}
+        return view | {"levels": buffer["levels"][pick]}
 
     def window_clips(self, count: int, window: int, generator) -> dict:
-        """``count`` rolling-window views of the rollout buffer, each ending in a frame to generate: a
-        buffer clip's true start (the sinks), the ``window - start`` rolled frames before its frame
-        ``j`` (drawn from ``[window, length)``), and frame ``j``'s action and position. ``{"past"
-        [B, 3, window, H, W], "actions"/"positions" [B, window + 1], "levels" [B]}``."""
-        buffer, start = self.buffer, self.buffer["start"]
-        length = buffer["actions"].shape[1]
-        rows = (torch.rand(count, generator=generator, device=self.device) * buffer["x0"].shape[0]).long()
-        last = (
-            window + (torch.rand(count, generator=generator, device=self.device) * (length - window)).long()
-        )
-        recent = last[:, None] - (window - start) + torch.arange(window - start, device=self.device)
-        index = torch.cat(
-            [torch.arange(start, device=self.device).expand(count, -1), recent, last[:, None]], 1
-        )
-        return {
-            "past": buffer["context"][rows[:, None], :, index[:, :-1]].permute(0, 2, 1, 3, 4),
-            "actions": buffer["actions"][rows[:, None], index],
-            "positions": buffer["positions"][rows[:, None], index],
-            "levels": buffer["levels"][rows],
-        }
+        """``count`` rolling-window views of the rollout buffer, each ending in a frame to generate
+        (:meth:`_buffer_view` of ``window + 1`` frames): a buffer clip's true start (the sinks), the
+        ``window - start`` rolled frames before its frame ``j``, and frame ``j``'s action and
+        position. ``{"past" [B, 3, window, H, W], "actions"/"positions" [B, window + 1], "levels"
+        [B]}``."""
+        view = self._buffer_view(count, window + 1, generator)
+        return {"past": view["context"][:, :, :-1]} | {k: view[k] for k in ("actions", "positions", "levels")}
 
-    def _next_frame(self, model, clips: dict, frame: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The flow prediction for the frame after ``clips``' past: ``frame`` ``[B, 3, 1, H, W]`` at
-        per-clip ``sigma`` ``[B]``, the past clean."""
-        past = clips["past"]
-        sigmas = torch.zeros(past.shape[0], past.shape[2] + 1, device=self.device)
-        sigmas[:, -1] = sigma
+    def _chunk_flow(self, model, view: dict, chunk: torch.Tensor, sigma) -> torch.Tensor:
+        """The flow prediction for ``chunk`` ``[B, 3, f, H, W]`` at ``sigma`` (a float, or one per clip
+        ``[B]``) after ``view``'s clean past (``{"past" [B, 3, P, H, W], "actions"/"positions"
+        [B, P + f], "levels" [B]}``)."""
+        known = view["past"].shape[2]
+        sigmas = torch.zeros(chunk.shape[0], known + chunk.shape[2], device=self.device)
+        sigmas[:, known:] = sigma[:, None] if isinstance(sigma, torch.Tensor) else sigma
         flow = self.forward(
-            model, torch.cat([past, frame], 2), clips["actions"], sigmas, clips["positions"], clips["levels"]
+            model,
+            torch.cat([view["past"], chunk], 2),
+            view["actions"],
+            sigmas,
+            view["positions"],
+            view["levels"],
         )
-        return flow[:, :, -1:]
+        return flow[:, :, known:]
 
     def dmd_loss(self, model, teacher, fake, clips: dict, generator, sigma_min: float):
         """Distribution matching distillation (DMD, as Self-Forcing and CausVid train) on the model's
@@ -867,26 +873,15 @@ class Trainer:
         past = clips["past"]
         batch = past.shape[0]
         shape = (batch, 3, 1, *past.shape[-2:])
-        sigmas = flow_sigmas(*self.rollout_sampler)
-        latents = torch.randn(shape, generator=generator, device=self.device)
-        with torch.no_grad(), _eval_mode(model):
-            for step, sigma in enumerate(sigmas[:-1]):
-                flow = self._next_frame(
-                    model, clips, latents, torch.full((batch,), sigma, device=self.device)
-                )
-                noise = torch.randn(shape, generator=generator, device=self.device)
-                latents = (1 - sigmas[step + 1]) * (latents - sigma * flow) + sigmas[step + 1] * noise
-        last = sigmas[-1]
-        sample = latents - last * self._next_frame(
-            model, clips, latents, torch.full((batch,), last, device=self.device)
-        )
+        predict = functools.partial(self._chunk_flow, model, clips)
+        sample = self._sample(predict, shape, flow_sigmas(*self.rollout_sampler), generator, grad_last=True)
         sigma = sigma_min + (0.98 - sigma_min) * torch.rand(batch, generator=generator, device=self.device)
         s = sigma[:, None, None, None, None]
         noisy = (1 - s) * sample.detach() + s * torch.randn(shape, generator=generator, device=self.device)
         with torch.no_grad():
-            real = noisy - s * self._next_frame(teacher, clips, noisy, sigma)
+            real = noisy - s * self._chunk_flow(teacher, clips, noisy, sigma)
             with _eval_mode(fake):
-                made = noisy - s * self._next_frame(fake, clips, noisy, sigma)
+                made = noisy - s * self._chunk_flow(fake, clips, noisy, sigma)
             scale = (sample.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-4)
             target = sample.detach() - (made - real) / scale
         return 0.5 * F.mse_loss(sample, target), sample.detach()
@@ -894,13 +889,16 @@ class Trainer:
     def fake_score_loss(self, fake, clips: dict, sample: torch.Tensor, generator) -> torch.Tensor:
         """The fake score model's flow-matching loss on the model's samples ``sample`` after the same
         pasts, at shifted-uniform sigmas (DMD's second model, which tracks the model's distribution)."""
-        batch = sample.shape[0]
-        uniform = torch.rand(batch, generator=generator, device=self.device)
-        sigma = (3 * uniform / (1 + 2 * uniform)).clamp(min=0.02)
+        sigma = _shifted(torch.rand(sample.shape[0], generator=generator, device=self.device)).clamp(min=0.02)
         s = sigma[:, None, None, None, None]
         noise = torch.randn(sample.shape, generator=generator, device=self.device)
-        flow = self._next_frame(fake, clips, (1 - s) * sample + s * noise, sigma)
+        flow = self._chunk_flow(fake, clips, (1 - s) * sample + s * noise, sigma)
         return F.mse_loss(flow, noise - sample)
+
+
+def _shifted(uniform: torch.Tensor) -> torch.Tensor:
+    """Uniform draws in [0, 1] warped by the flow shift 3 (more weight on high noise)."""
+    return 3 * uniform / (1 + 2 * uniform)
 
 
 @contextlib.contextmanager

@@ -189,10 +189,9 @@ def main(argv=None) -> dict:
             "threshold": args.threshold,
             "max_tokens": args.max_tokens,
             "view_scale": args.view_scale,
-            "sampler": {
-                "denoising_timesteps": args.timesteps or meta["denoising_timesteps"],
-                "shift": meta["shift"],
-                "eta": args.eta if args.eta is not None else meta.get("eta", 1.0),
+            "sampler": pipe.sampler
+            | {
+                k: v for k, v in (("denoising_timesteps", args.timesteps), ("eta", args.eta)) if v is not None
             },
         },
         "actions": {"context": context_actions, "predicted": actions},
@@ -316,8 +315,7 @@ def true_frame_range(truth: np.ndarray, seed: int, level: int) -> dict:
     """``{"mean": [low, high], "std": [low, high], "edge": [low, high]}``: the range of each of
     :func:`frame_statistics` over the true frames ``truth`` (uint8 ``[T, 64, 64, 3]``) and a
     :data:`REFERENCE_FRAMES`-frame random walk in the same world and level."""
-    reference = play(seed, level, [ACTIONS.index("noop")], random_actions(REFERENCE_FRAMES, seed=seed + 1))
-    frames = np.concatenate([truth, reference]).astype(np.float32) / 255.0
+    frames = np.concatenate([truth, _reference_walk(seed, level)]).astype(np.float32) / 255.0
     return {key: _bounds(values) for key, values in frame_statistics(frames).items()}
 
 
@@ -327,12 +325,14 @@ def level_frame_range(level: int, worlds: int = LEVEL_WORLDS) -> dict:
     :data:`REFERENCE_FRAMES`-frame random walks in ``worlds`` worlds (seeds ``0 .. worlds - 1``). The
     stays-alive check's lenient reading ("a true frame of this level"), beside the per-world range of
     :func:`true_frame_range` ("a true frame of this world")."""
-    noop = [ACTIONS.index("noop")]
-    stats = [
-        frame_statistics(play(seed, level, noop, random_actions(REFERENCE_FRAMES, seed=seed + 1)) / 255.0)
-        for seed in range(worlds)
-    ]
+    stats = [frame_statistics(_reference_walk(seed, level) / 255.0) for seed in range(worlds)]
     return {key: _bounds(np.concatenate([s[key] for s in stats])) for key in ALIVE_STATISTICS}
+
+
+def _reference_walk(seed: int, level: int) -> np.ndarray:
+    """The true frames of a :data:`REFERENCE_FRAMES`-frame random walk in world ``seed`` of ``level``
+    (uint8 ``[REFERENCE_FRAMES + 1, 64, 64, 3]``): the stays-alive ranges' reference."""
+    return play(seed, level, [ACTIONS.index("noop")], random_actions(REFERENCE_FRAMES, seed=seed + 1))
 
 
 def joined_range(first: dict, second: dict) -> dict:

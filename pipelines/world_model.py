@@ -259,6 +259,17 @@ class WorldModelPipeline(CausalWanPipeline):
         )  # fmt: skip
         return self._postprocessed(chunks, output_type, return_dict)
 
+    @property
+    def sampler(self) -> dict:
+        """The model's sampler, the rollouts' default: ``denoising_timesteps`` and ``shift`` from
+        ``world_model.json``, and its ``eta`` (1, fresh noise, when it names none)."""
+        metadata = self.metadata
+        return {
+            "denoising_timesteps": metadata["denoising_timesteps"],
+            "shift": metadata["shift"],
+            "eta": metadata.get("eta", 1.0),
+        }
+
     def _world_rollout(
         self, context_frames, actions, num_frames, context_actions, level, denoising_timesteps, shift,
         eta, generator, output_type, rollout_kwargs,
@@ -302,9 +313,9 @@ class WorldModelPipeline(CausalWanPipeline):
             size,
             num_frames,
             chunk_frames,
-            self.metadata["denoising_timesteps"] if denoising_timesteps is None else denoising_timesteps,
-            self.metadata["shift"] if shift is None else shift,
-            self.metadata.get("eta", 1.0) if eta is None else eta,
+            self.sampler["denoising_timesteps"] if denoising_timesteps is None else denoising_timesteps,
+            self.sampler["shift"] if shift is None else shift,
+            self.sampler["eta"] if eta is None else eta,
             rollout_kwargs.get("context_timestep", 0),
             rollout_kwargs.get("max_cache_frames"),
             rollout_kwargs.get("sink_frames", 0),

@@ -1,6 +1,17 @@
-"""Shared test helpers: exact fp64 oracles and relative error."""
+"""Shared test helpers: exact fp64 oracles, relative error, loading a script as a module."""
+
+import importlib.util
+from pathlib import Path
 
 import torch
+
+
+def load_script(path: Path, name: str | None = None):
+    """The script at ``path`` (a demo or benchmark, not a package module) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name or Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_err(out, ref) -> float:

@@ -1,13 +1,13 @@
 """``demos/average_world_models.py``: the weight average of two world models is exact at the ends and
 the bf16 mean between them, loads as a ``WorldModelPipeline`` that rolls out, and refuses bad input."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import load_script
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
@@ -20,10 +20,7 @@ TINY = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers
 
 @pytest.fixture(scope="module")
 def soup():
-    spec = importlib.util.spec_from_file_location("average_world_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def _model(folder: Path, seed: int, **config) -> Path:

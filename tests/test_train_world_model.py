@@ -4,12 +4,12 @@
 rollout as context, true targets), the plain objective when all are off, and bad options."""
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import load_script
 from diffusers import WanTransformer3DModel
 
 from vidaccel.pipelines import DEFAULT_WORLD_MODEL, GameEnv, random_actions
@@ -19,14 +19,12 @@ TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "demos" / "train_world_mode
 TINY = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2)
 SHIPPED = (DEFAULT_WORLD_MODEL / "diffusion_pytorch_model.safetensors").is_file()
 CPU = torch.device("cpu")
+DMD = ["--dmd", "1", "--init", "wm", "--rollout-window", "8", "--rollout-frames", "32"]  # valid DMD options
 
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("train_world_model", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TRAIN_SCRIPT)
 
 
 def _gen(seed=0):
@@ -156,36 +154,8 @@ def test_init_loads_the_weights_in_training_mode(train):
             ["--dmd", "1", "--init", "wm", "--rollout-window", "16"],
             "--dmd needs --rollout-window W and --rollout-frames above W",
         ),
-        (
-            [
-                "--dmd",
-                "1",
-                "--init",
-                "wm",
-                "--rollout-window",
-                "8",
-                "--rollout-frames",
-                "32",
-                "--dmd-sigma-min",
-                "1",
-            ],
-            r"--dmd-sigma-min must be in \(0, 0.98\), got 1.0",
-        ),
-        (
-            [
-                "--dmd",
-                "1",
-                "--init",
-                "wm",
-                "--rollout-window",
-                "8",
-                "--rollout-frames",
-                "32",
-                "--fake-steps",
-                "0",
-            ],
-            "--fake-steps must be >= 1, got 0",
-        ),
+        ([*DMD, "--dmd-sigma-min", "1"], r"--dmd-sigma-min must be in \(0, 0.98\), got 1.0"),
+        ([*DMD, "--fake-steps", "0"], "--fake-steps must be >= 1, got 0"),
     ],
 )
 def test_bad_options(train, argv, message):
@@ -341,8 +311,8 @@ def test_dmd_reads_window_views_and_pushes_samples_from_fake_toward_teacher(trai
     sigma = sigma[:, -1, None, None, None, None]
     x = noisy[:, :, -1:]
     with torch.no_grad():
-        real = x - sigma * trainer._next_frame(teacher, clips, x, sigma.flatten())
-        made = x - sigma * trainer._next_frame(fake, clips, x, sigma.flatten())
+        real = x - sigma * trainer._chunk_flow(teacher, clips, x, sigma.flatten())
+        made = x - sigma * trainer._chunk_flow(fake, clips, x, sigma.flatten())
     model.zero_grad()
     loss, again = trainer.dmd_loss(model, teacher, fake, clips, _gen(9), 0.3)
     loss.backward()

@@ -1,13 +1,13 @@
 """WorldModelPipeline: the shipped weights, rollouts from context frames with actions or a policy,
 equality with the training script's evaluation rollout, vidaccel methods on it, errors."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import load_script
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from safetensors import safe_open
 
@@ -144,9 +144,7 @@ def test_missing_weights_error(tmp_path):
 def test_rollout_equals_training_evaluation():
     """The pipeline (KV cache, context prefill, action planes, clamped commits) samples exactly what
     the training script's evaluation samples (whole-sequence recompute, block-causal mask)."""
-    spec = importlib.util.spec_from_file_location("train_world_model", TRAIN_SCRIPT)
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_script(TRAIN_SCRIPT)
     pipe = _tiny_pipe()
     frames, actions = _episode(7)
     video = pipe(

@@ -8,7 +8,6 @@ kernel modules imported meanwhile compile for a GPU that is not there.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _helpers import load_script
 from PIL import Image
 
 from vidaccel.metrics import psnr
@@ -26,13 +26,6 @@ from vidaccel.pipelines.game import ACTIONS, random_actions
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES, CONTEXT = 2, 1
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(script: str, *argv: str) -> str:
@@ -47,7 +40,7 @@ def _run(script: str, *argv: str) -> str:
 
 @pytest.fixture(scope="module")
 def rollout():
-    return _load("world_model_rollout", ROOT / "demos" / "world_model_rollout.py")
+    return load_script(ROOT / "demos" / "world_model_rollout.py")
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +163,7 @@ def test_rollout_actions_sources(rollout, tmp_path):
 
 
 def test_parse_methods_combinations():
-    long_rollout = _load("long_rollout", ROOT / "demos" / "long_rollout.py")
+    long_rollout = load_script(ROOT / "demos" / "long_rollout.py")
     known, combinable = ("dense", "a", "b"), ("a", "b")
     parsed = long_rollout.parse_methods(" dense, a + b ,b", known, combinable=combinable)
     assert parsed == ["dense", "a+b", "b"]
@@ -261,6 +254,8 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
     assert printed[-2] == f"winner: {report['winner']['name']} ({report['winner']['reason']})"
     with pytest.raises(AssertionError, match="--caches items must be 'full' or an int >= 1"):
         _run("benchmarks/bench_world_model_long.py", "--quick", "--caches", "full,0", "--out", str(out))
+    with pytest.raises(AssertionError, match=r"eta must be a float in \[0, 1\], got 1.5"):
+        _run("benchmarks/bench_world_model_long.py", "--quick", "--etas", "0,1.5", "--out", str(out))
     with pytest.raises(AssertionError, match="denoising_timesteps must be strictly decreasing"):
         _run(
             "benchmarks/bench_world_model_long.py",
