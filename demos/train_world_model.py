@@ -24,7 +24,7 @@ gets a random absolute position offset (rotary angles as large as a 1,000-frame 
 
 **Fine-tuning for long rollouts** (``--init FOLDER``: start from these weights, fresh optimizer). The
 shipped model's rollouts drift within tens of frames: their frames' mean and contrast leave the range
-of true frames (``benchmarks/bench_world_model_long.py``). Four options target that exposure bias,
+of true frames (``benchmarks/bench_world_model_long.py``). Five options target that exposure bias,
 all off by default:
 
 - ``--rollout-context P`` (with ``--rollout-every N``): a fraction P of each batch's clips take as
@@ -46,6 +46,12 @@ all off by default:
   fake score model trained on the samples has learnt. With this small model as its teacher it
   sharpened frames into texture (``world_model_stability.md``, section 5.2). ``--rollout-timesteps``
   sets the sampler of the rollouts, DMD's generator and ``--eval-samplers init``.
+- ``--stats-loss W`` adds ``W`` times :func:`frame_stats_loss` on the denoised estimates of the
+  target frames at sigma <= ``--stats-sigma-max``: each frame's std and detail (mean absolute
+  difference of adjacent pixels) against the true frame's. A regression loss toward a frame the past
+  cannot predict teaches the flat, blurred mean of the possible frames; the two moments can be matched
+  without knowing the frame. With ``--rollout-context 0.5`` and ``W = 4`` it removed the long
+  rollouts' contrast dips (``assets/world_model_long``; ``world_model_stability.md``, section 6).
 
 ``--eval-samplers init`` evaluates only the initial weights' sampler.
 
@@ -141,6 +147,8 @@ def main() -> None:
         context_noise=args.context_noise,
         rollout_context=args.rollout_context,
         rollout_sampler=rollout_sampler,
+        stats_weight=args.stats_loss,
+        stats_sigma_max=args.stats_sigma_max,
     )
     for net in (model, ema, teacher, fake):
         if net is not None:
@@ -278,6 +286,8 @@ def main() -> None:
             "dmd_sigma_min": args.dmd_sigma_min if args.dmd else None,
             "fake_lr": args.fake_lr if args.dmd else None,
             "fake_steps": args.fake_steps if args.dmd else None,
+            "stats_loss": args.stats_loss,
+            "stats_sigma_max": args.stats_sigma_max if args.stats_loss else None,
             "init": None if args.init is None else str(args.init),
             "init_training": None if init_meta is None else init_meta.get("training"),
             "lr": args.lr,
@@ -410,6 +420,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--fake-steps", type=int, default=1, help="fake score updates per generator step (default 1)"
     )
+    parser.add_argument(
+        "--stats-loss",
+        type=float,
+        default=0.0,
+        help="weight of the contrast-and-detail loss (frame_stats_loss) on the denoised estimates of "
+        "target frames at sigma <= --stats-sigma-max, added to the diffusion loss and to the logged loss "
+        "(default 0: off)",
+    )
+    parser.add_argument(
+        "--stats-sigma-max",
+        type=float,
+        default=0.3,
+        help="the noisiest target frames the stats loss sees (default 0.3: the default sampler's last "
+        "step, timestep 250, and below)",
+    )
     args = parser.parse_args(argv)
     defaults = dict(
         minutes=(0.6, 6.3), batch=(2, 32), clip_frames=(6, 16), far_frames=(2, 4), episodes=(8, 256),
@@ -454,6 +479,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--dmd-sigma-min must be in (0, 0.98), got {args.dmd_sigma_min}")
         if args.fake_steps < 1:
             raise ValueError(f"--fake-steps must be >= 1, got {args.fake_steps}")
+    if args.stats_loss < 0:
+        raise ValueError(f"--stats-loss must be >= 0, got {args.stats_loss}")
+    if not 0.0 < args.stats_sigma_max <= 1.0:
+        raise ValueError(f"--stats-sigma-max must be in (0, 1], got {args.stats_sigma_max}")
     if args.clip_frames <= args.far_frames + 2:
         raise ValueError(
             f"--clip-frames must exceed --far-frames + 2 = {args.far_frames + 2}, got {args.clip_frames}"
@@ -575,8 +604,12 @@ class Trainer:
         context_noise: float = 0.0,
         rollout_context: float = 0.0,
         rollout_sampler=SAMPLERS[0],
+        stats_weight: float = 0.0,
+        stats_sigma_max: float = 0.3,
     ) -> None:
         self.device = device
+        self.stats_weight = stats_weight
+        self.stats_sigma_max = stats_sigma_max
         self.self_context = self_context
         self.context_noise = context_noise
         self.rollout_context = rollout_context
@@ -652,7 +685,12 @@ class Trainer:
         )
         per_frame = ((prediction - (noise - x0)) ** 2).mean(dim=(1, 3, 4))
         weight = target.float()
-        return (per_frame * weight).sum() / weight.sum().clamp(min=1)
+        loss = (per_frame * weight).sum() / weight.sum().clamp(min=1)
+        if self.stats_weight > 0:
+            estimate = (1 - s) * x_in + s * noise - s * prediction  # x0_hat = x_s - s (eps - x0)_hat
+            low = target & (sigma_in <= self.stats_sigma_max)
+            loss = loss + self.stats_weight * frame_stats_loss(estimate, x0, low)
+        return loss
 
     @torch.no_grad()
     def _own_context(self, model, batch: dict, target: torch.Tensor, generator, base=None) -> torch.Tensor:
@@ -687,12 +725,13 @@ class Trainer:
     def validation_loss(self, model, batch: dict) -> float:
         generator = torch.Generator(self.device).manual_seed(2)
         sigma = self.sigmas(batch, generator)
-        options = self.self_context, self.context_noise
-        self.self_context = self.context_noise = 0.0  # the plain objective, comparable across runs
+        options = self.self_context, self.context_noise, self.stats_weight
+        # the plain objective, comparable across runs
+        self.self_context = self.context_noise = self.stats_weight = 0.0
         try:
             return float(self.loss(model, batch, generator, sigma))
         finally:
-            self.self_context, self.context_noise = options
+            self.self_context, self.context_noise, self.stats_weight = options
 
     @torch.no_grad()
     def rollout(self, model, data: Data, context: int, frames: int, timesteps, shift: float, seed: int = 0):
@@ -894,6 +933,27 @@ class Trainer:
         noise = torch.randn(sample.shape, generator=generator, device=self.device)
         flow = self._chunk_flow(fake, clips, (1 - s) * sample + s * noise, sigma)
         return F.mse_loss(flow, noise - sample)
+
+
+def frame_stats_loss(estimate: torch.Tensor, x0: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Contrast and detail of the denoised estimates against the true frames' (``--stats-loss``):
+    the mean over the ``frames`` ``[B, F]`` (bool) of ``(std_hat / std - 1)^2 + (detail_hat / detail -
+    1)^2``, per frame, where std is over a frame's pixels and channels and detail is the mean absolute
+    difference of adjacent pixels (across and down). ``estimate``, ``x0``: ``[B, C, F, H, W]``. Zero
+    when no frame is selected. A regression loss alone is minimised by the mean of the frames a past
+    allows, which is flatter (lower std) and blurrier (less detail) than any of them; these two
+    moments of each frame can be matched without knowing which frame it is."""
+
+    def moments(video):
+        std = video.std(dim=(1, 3, 4), unbiased=False)
+        across = (video[..., 1:] - video[..., :-1]).abs().mean(dim=(1, 3, 4))
+        down = (video[..., 1:, :] - video[..., :-1, :]).abs().mean(dim=(1, 3, 4))
+        return std, (across + down) / 2
+
+    (std_hat, detail_hat), (std, detail) = moments(estimate), moments(x0)
+    per_frame = (std_hat / std.clamp(min=1e-3) - 1) ** 2 + (detail_hat / detail.clamp(min=1e-3) - 1) ** 2
+    weight = frames.float()
+    return (per_frame * weight).sum() / weight.sum().clamp(min=1)
 
 
 def _shifted(uniform: torch.Tensor) -> torch.Tensor:

@@ -115,14 +115,50 @@ def test_self_context_replaces_context_frames_but_the_first(train):
     assert torch.equal(off._own_context(model, batch, target, _gen(4)), x0), "fraction 0: no clip"
 
 
+def test_frame_stats_loss_compares_contrast_and_detail(train):
+    x0 = torch.rand(2, 3, 4, 8, 8, generator=_gen(0)) * 2 - 1
+    frames = torch.tensor([[True, True, False, False], [False, True, False, False]])
+    zero = train.frame_stats_loss(x0.clone(), x0, frames)
+    assert zero == 0
+    # halve every frame's deviation from its mean: std and detail both halve, so each selected frame
+    # scores (0.5 - 1)^2 + (0.5 - 1)^2 = 0.5; unselected frames may hold anything
+    flat = x0.mean(dim=(1, 3, 4), keepdim=True) + 0.5 * (x0 - x0.mean(dim=(1, 3, 4), keepdim=True))
+    flat[:, :, 2:] = 7.0
+    torch.testing.assert_close(train.frame_stats_loss(flat, x0, frames), torch.tensor(0.5))
+    # a brighter frame with the same contrast and detail costs nothing: the loss sees moments, not means
+    assert train.frame_stats_loss(x0 + 0.3, x0, frames) < 1e-10
+    assert train.frame_stats_loss(flat, x0, torch.zeros_like(frames)) == 0, "no frame selected"
+
+
+def test_stats_loss_adds_the_low_sigma_targets_moments(train):
+    model, plain, batch = _setup(train)
+    sigma = torch.zeros(2, 6)
+    sigma[:, 3] = 0.2  # a target at the last sampler step's noise: the stats loss sees it
+    sigma[:, 4:] = 0.75  # noisier targets: only the diffusion loss
+    weighted = train.Trainer(CPU, stats_weight=2.0, stats_sigma_max=0.3)
+    weighted.install(model)
+    calls = _capture_inputs(weighted)
+    loss = weighted.loss(model, batch, _gen(3), sigma)
+    base = plain.loss(model, batch, _gen(3), sigma)
+    noisy, _ = calls[0]
+    s = sigma[:, None, :, None, None]
+    flow = plain.forward(model, noisy, batch["actions"], sigma, batch["positions"], batch["levels"])
+    estimate = noisy - s * flow
+    low = torch.zeros(2, 6, dtype=torch.bool)
+    low[:, 3] = True
+    expected = base + 2.0 * train.frame_stats_loss(estimate, batch["x0"], low)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    assert loss > base, "an untrained model's estimates miss the true frames' moments"
+
+
 def test_validation_loss_ignores_the_options(train):
     model, plain, batch = _setup(train)
     model.eval()
     expected = plain.validation_loss(model, batch)
-    both = train.Trainer(CPU, self_context=1.0, context_noise=0.3)
+    both = train.Trainer(CPU, self_context=1.0, context_noise=0.3, stats_weight=2.0)
     both.install(model)
     assert both.validation_loss(model, batch) == expected
-    assert (both.self_context, both.context_noise) == (1.0, 0.3), "options restored"
+    assert (both.self_context, both.context_noise, both.stats_weight) == (1.0, 0.3, 2.0), "options restored"
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the shipped world model is missing")
@@ -156,6 +192,8 @@ def test_init_loads_the_weights_in_training_mode(train):
         ),
         ([*DMD, "--dmd-sigma-min", "1"], r"--dmd-sigma-min must be in \(0, 0.98\), got 1.0"),
         ([*DMD, "--fake-steps", "0"], "--fake-steps must be >= 1, got 0"),
+        (["--stats-loss", "-1"], "--stats-loss must be >= 0, got -1.0"),
+        (["--stats-sigma-max", "0"], r"--stats-sigma-max must be in \(0, 1\], got 0.0"),
     ],
 )
 def test_bad_options(train, argv, message):

@@ -88,7 +88,9 @@ def test_long_rollout_model_loads_and_rolls_out_through_its_window():
     assert (LONG_WORLD_MODEL / "diffusion_pytorch_model.safetensors").stat().st_size <= 15_000_000
     with safe_open(LONG_WORLD_MODEL / "diffusion_pytorch_model.safetensors", "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
-    assert metadata["training"]["average"]["alpha"] == 0.25
+    # its record: the stats-loss fine-tuning of the weight average 0.75 D + 0.25 H
+    assert metadata["training"]["stats_loss"] > 0
+    assert metadata["training"]["init_training"]["average"]["alpha"] == 0.25
     window = metadata["recommended_rollout"]
     assert window["sink_frames"] == metadata["context_frames"] < window["max_cache_frames"]
     pipe = WorldModelPipeline.from_pretrained_world_model(LONG_WORLD_MODEL, device="cpu")
