@@ -945,7 +945,7 @@ def frame_stats_loss(estimate: torch.Tensor, x0: torch.Tensor, frames: torch.Ten
     moments of each frame can be matched without knowing which frame it is."""
 
     def moments(video):
-        std = video.std(dim=(1, 3, 4), unbiased=False)
+        std = video.std(dim=(1, 3, 4), correction=0)
         across = (video[..., 1:] - video[..., :-1]).abs().mean(dim=(1, 3, 4))
         down = (video[..., 1:, :] - video[..., :-1, :]).abs().mean(dim=(1, 3, 4))
         return std, (across + down) / 2
