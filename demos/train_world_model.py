@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from vidaccel.metrics import psnr
+from vidaccel.metrics import frame_statistics, psnr
 from vidaccel.pipelines.causal_wan import check_denoising_timesteps, flow_sigmas, rotary_emb_frames
 from vidaccel.pipelines.game import ACTIONS, FRAME_SIZE, LEVELS, GameEnv, random_actions, scripted_actions
 from vidaccel.pipelines.world_model import LEVEL_TOKENS, level_embeddings, world_model_config
@@ -938,17 +938,15 @@ class Trainer:
 def frame_stats_loss(estimate: torch.Tensor, x0: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """Contrast and detail of the denoised estimates against the true frames' (``--stats-loss``):
     the mean over the ``frames`` ``[B, F]`` (bool) of ``(std_hat / std - 1)^2 + (detail_hat / detail -
-    1)^2``, per frame, where std is over a frame's pixels and channels and detail is the mean absolute
-    difference of adjacent pixels (across and down). ``estimate``, ``x0``: ``[B, C, F, H, W]``. Zero
+    1)^2``, per frame, where std and detail are the stays-alive check's std and edge strength
+    (:func:`vidaccel.metrics.frame_statistics`). ``estimate``, ``x0``: ``[B, C, F, H, W]``. Zero
     when no frame is selected. A regression loss alone is minimised by the mean of the frames a past
     allows, which is flatter (lower std) and blurrier (less detail) than any of them; these two
     moments of each frame can be matched without knowing which frame it is."""
 
-    def moments(video):
-        std = video.std(dim=(1, 3, 4), correction=0)
-        across = (video[..., 1:] - video[..., :-1]).abs().mean(dim=(1, 3, 4))
-        down = (video[..., 1:, :] - video[..., :-1, :]).abs().mean(dim=(1, 3, 4))
-        return std, (across + down) / 2
+    def moments(video):  # [B, C, F, H, W] -> the stays-alive check's std and edge strength, [B, F]
+        stats = frame_statistics(video.movedim(1, -1))
+        return stats["std"], stats["edge"]
 
     (std_hat, detail_hat), (std, detail) = moments(estimate), moments(x0)
     per_frame = (std_hat / std.clamp(min=1e-3) - 1) ** 2 + (detail_hat / detail.clamp(min=1e-3) - 1) ** 2

@@ -62,7 +62,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import vidaccel
-from vidaccel.metrics import psnr, ssim
+from vidaccel.metrics import frame_statistics, psnr, ssim
 from vidaccel.pipelines.causal_wan import check_denoising_timesteps, check_eta
 from vidaccel.pipelines.game import ACTIONS, GameEnv, parse_actions, random_actions, scripted_actions
 from vidaccel.pipelines.world_model import WorldModelPipeline
@@ -338,21 +338,6 @@ def _reference_walk(seed: int, level: int) -> np.ndarray:
 def joined_range(first: dict, second: dict) -> dict:
     """The smallest range holding both ranges (``{statistic: [low, high]}``)."""
     return {key: [min(first[key][0], second[key][0]), max(first[key][1], second[key][1])] for key in first}
-
-
-def frame_statistics(frames: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-frame statistics of ``frames`` ``[T, H, W, 3]`` (pixels in [0, 1]) that the stays-alive
-    check bounds: ``mean`` and ``std`` (a fade, a colour drift, a loss of contrast) and ``edge``, the
-    mean absolute difference of horizontally and vertically adjacent pixels (the fine structure: a
-    collapse to texture raises it with mean and std unchanged, a collapse to blur lowers it)."""
-    frames = frames.astype(np.float32, copy=False)
-    across = np.abs(np.diff(frames, axis=2)).mean(axis=(1, 2, 3))
-    down = np.abs(np.diff(frames, axis=1)).mean(axis=(1, 2, 3))
-    return {
-        "mean": frames.mean(axis=(1, 2, 3)),
-        "std": frames.std(axis=(1, 2, 3)),
-        "edge": (across + down) / 2,
-    }
 
 
 def method_configs(method: str, args) -> tuple[list, dict]:

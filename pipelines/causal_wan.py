@@ -619,12 +619,13 @@ def renoise_noise(
     noise``, ``flow = noise - x0``). ``eta = 1``: fresh noise from ``generator``; ``eta = 0``: the
     estimate, which makes ``(1 - sigma') x0 + sigma' noise`` the flow ODE's Euler step
     ``latents + (sigma' - sigma) flow`` (no draw)."""
-    if eta == 0:
-        return latents + (1 - sigma) * flow
-    fresh = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    fresh = None
+    if eta > 0:
+        fresh = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if eta == 1:
         return fresh
-    return eta * fresh + math.sqrt(1 - eta**2) * (latents + (1 - sigma) * flow)
+    estimate = latents + (1 - sigma) * flow
+    return estimate if fresh is None else eta * fresh + math.sqrt(1 - eta**2) * estimate
 
 
 def flow_sigmas(timesteps: Sequence[float], shift: float) -> list[float]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidaccel.metrics import psnr, relative_error, ssim
+from vidaccel.metrics import frame_statistics, psnr, relative_error, ssim
 
 
 def _video(seed=0, shape=(3, 24, 20, 3)):
@@ -158,3 +158,25 @@ def test_ssim_matches_scikit_image():
         assert psnr(x, y) == pytest.approx(
             metrics.peak_signal_noise_ratio(x, y, data_range=data_range), rel=1e-12
         )
+
+
+def test_frame_statistics_by_hand_in_numpy_and_torch():
+    video = _video(shape=(2, 5, 4, 3))
+    stats = frame_statistics(video)
+    for t in range(2):
+        frame = video[t]
+        across = np.abs(frame[:, 1:] - frame[:, :-1]).mean()
+        down = np.abs(frame[1:] - frame[:-1]).mean()
+        np.testing.assert_allclose(stats["mean"][t], frame.mean(), rtol=1e-6)
+        np.testing.assert_allclose(stats["std"][t], frame.std(), rtol=1e-5)  # population std
+        np.testing.assert_allclose(stats["edge"][t], (across + down) / 2, rtol=1e-6)
+    assert all(value.dtype == np.float32 and value.shape == (2,) for value in stats.values())
+    # a torch batch [B, T, H, W, C] gives the same figures, and gradients (the training loss)
+    tensor = torch.tensor(np.stack([video, video[::-1]]), dtype=torch.float32, requires_grad=True)
+    batched = frame_statistics(tensor)
+    torch.testing.assert_close(batched["edge"][0], torch.from_numpy(stats["edge"]))
+    torch.testing.assert_close(batched["std"][1], torch.from_numpy(stats["std"][::-1].copy()))
+    sum(value.sum() for value in batched.values()).backward()
+    assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
+    flat = frame_statistics(np.full((1, 4, 4, 3), 0.5))
+    assert flat["std"][0] == 0 and flat["edge"][0] == 0 and flat["mean"][0] == 0.5

@@ -1,4 +1,5 @@
-"""Fidelity metrics: PSNR and SSIM of decoded video, relative error of attention outputs.
+"""Fidelity metrics: PSNR and SSIM of decoded video, relative error of attention outputs, and the
+per-frame statistics of the world model's stays-alive check (``frame_statistics``).
 
 Conventions (``psnr`` and ``ssim``):
 
@@ -32,7 +33,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["psnr", "ssim", "relative_error"]
+__all__ = ["frame_statistics", "psnr", "ssim", "relative_error"]
 
 _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
@@ -104,6 +105,27 @@ def ssim(a, b, data_range: float | None = None, *, sigma: float = 1.5) -> float:
         total += float((numerator / denominator).sum())
     positions = frames * channels * (height - window + 1) * (width - window + 1)
     return total / positions
+
+
+def frame_statistics(frames):
+    """Per-frame statistics of a video ``[..., H, W, C]`` (pixels in ``[0, 1]``, channels last):
+    ``{"mean", "std", "edge"}``, each of shape ``[...]``. ``mean`` and ``std`` (population) are over
+    a frame's pixels and channels (a fade, a colour drift, a loss of contrast); ``edge`` is the mean
+    absolute difference of horizontally and vertically adjacent pixels, averaged over the two (the
+    fine structure: a collapse to texture raises it with mean and std unchanged, a collapse to blur
+    lowers it). A numpy input (any dtype) gives float32 numpy arrays; a torch tensor gives tensors in
+    its dtype, differentiable (the world model's training loss uses them)."""
+    as_numpy = isinstance(frames, np.ndarray)
+    video = torch.from_numpy(np.asarray(frames, dtype=np.float32)) if as_numpy else frames
+    dims = (-3, -2, -1)
+    across = (video[..., :, 1:, :] - video[..., :, :-1, :]).abs().mean(dim=dims)
+    down = (video[..., 1:, :, :] - video[..., :-1, :, :]).abs().mean(dim=dims)
+    stats = {
+        "mean": video.mean(dim=dims),
+        "std": video.std(dim=dims, correction=0),
+        "edge": (across + down) / 2,
+    }
+    return {key: value.numpy() for key, value in stats.items()} if as_numpy else stats
 
 
 def relative_error(out, ref) -> float:
