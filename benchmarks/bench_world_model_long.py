@@ -244,7 +244,8 @@ def _measure(
                 **{
                     key: value
                     for key, value in alive.items()
-                    if key.startswith("per_frame_") or key.endswith("_frames_in_range")
+                    if key.startswith("per_frame_")
+                    or key.endswith(("_frames_in_range", "_frames_below", "_frames_above"))
                 },
             }
         )
@@ -270,6 +271,18 @@ def _measure(
             "alive_worlds": sum(a["pass"] for a in level),
             "first_exits": [a["first_exit"] for a in level],
             "in_range": _shares(level, frames),
+            # the bar's own two statistics: no NaN, every frame's mean and std within the range
+            "alive_worlds_mean_std": sum(
+                a["nan_frames"] == 0
+                and a["mean_frames_in_range"] == len(video[0])
+                and a["std_frames_in_range"] == len(video[0])
+                for a in level
+            ),
+            "frames_out": {
+                f"{key}_{side}": sum(a[f"{key}_frames_{side}"] for a in level)
+                for key in ALIVE_STATISTICS
+                for side in ("below", "above")
+            },
         },
         "seconds": sum(c["latency_s"] for c in chunks),
         "per_world": worlds,

@@ -16,7 +16,7 @@ per method, and measures every method against the game's true frames:
 and ``+``-joined combinations, e.g. ``flashblock+tempcache`` (the configs in that order in one
 processor; ``rolling`` combines with anything but ``tempcache``, which has its own budget).
 Every method uses the model's sampler (``world_model.json``) unless ``--timesteps`` (and ``--eta``,
-the share of fresh noise when a step re-noises) give another.
+the share of fresh noise when a step re-noises, and ``--shift``, the flow shift) give another.
 
 It writes to ``--out``:
 
@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
             warmup_chunks=args.warmup_chunks,
             **({} if args.timesteps is None else {"denoising_timesteps": args.timesteps}),
             **({} if args.eta is None else {"eta": args.eta}),
+            **({} if args.shift is None else {"shift": args.shift}),
             **rollout_kwargs,
         )
         runs[method] = {
@@ -191,7 +192,13 @@ def main(argv=None) -> dict:
             "view_scale": args.view_scale,
             "sampler": pipe.sampler
             | {
-                k: v for k, v in (("denoising_timesteps", args.timesteps), ("eta", args.eta)) if v is not None
+                k: v
+                for k, v in (
+                    ("denoising_timesteps", args.timesteps),
+                    ("eta", args.eta),
+                    ("shift", args.shift),
+                )
+                if v is not None
             },
         },
         "actions": {"context": context_actions, "predicted": actions},
@@ -476,7 +483,8 @@ def _alive(video: np.ndarray, true_range: dict) -> dict:
     """The stays-alive check: no NaN frame, and every frame's mean, std and edge strength
     (:func:`frame_statistics`) within the true frames' range; ``first_exit``: the first frame that
     is NaN or has a statistic outside the range (``None``: none); ``{statistic}_frames_in_range``:
-    how many frames have that statistic within the range."""
+    how many frames have that statistic within the range, ``{statistic}_frames_below`` and
+    ``_above`` how many lie below and above it (a NaN value counts in neither)."""
     finite = np.isfinite(video).all(axis=(1, 2, 3))
     outside = ~finite
     result = {"nan_frames": int(outside.sum())}
@@ -486,6 +494,8 @@ def _alive(video: np.ndarray, true_range: dict) -> dict:
         outside |= ~inside
         result[f"{key}_in_range"] = bool(inside.all())
         result[f"{key}_frames_in_range"] = int(inside.sum())  # NaN values are outside
+        result[f"{key}_frames_below"] = int((values < low).sum())
+        result[f"{key}_frames_above"] = int((values > high).sum())
         result[f"per_frame_{key}"] = [_finite(v) for v in values]
     result["first_exit"] = int(np.argmax(outside)) if outside.any() else None
     result["pass"] = result["first_exit"] is None
@@ -690,6 +700,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the sampler's share of fresh noise when it re-noises, in [0, 1]: 1 fresh noise (Self-Forcing's "
         "sampler), 0 the flow ODE's Euler step (default: the model's, world_model.json, else 1)",
     )
+    parser.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="the sampler's flow shift, > 0; above 1 spends more of the steps at high noise: smoother frames "
+        "(default: the model's, world_model.json)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
     return parser
 
@@ -763,6 +780,8 @@ def _parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
             check_eta(args.eta)
         except ValueError as error:
             parser.error(f"--eta: {error}")
+    if args.shift is not None and not 0 < args.shift < math.inf:
+        parser.error(f"--shift must be a float in (0, inf), got {args.shift}")
     if args.actions not in ("random", "scripted") and not args.actions.strip():
         parser.error("--actions must be random, scripted, a file or a comma-separated list of actions")
     return args

@@ -142,12 +142,27 @@ def test_rollout_report_figures(demo_run, rollout):
         (["--actions", "up,down,left", "--frames", "2"], "expected 2 actions"),
         (["--context", "0"], "--context must be a positive multiple"),
         (["--timesteps", "1000,250,500"], "--timesteps: denoising_timesteps must be strictly decreasing"),
+        (["--shift", "0"], "--shift must be a float in (0, inf), got 0.0"),
+        (["--shift", "nan"], "--shift must be a float in (0, inf), got nan"),
     ],
 )
 def test_rollout_rejects_bad_arguments(rollout, argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
         rollout.main(["--device", "cpu", "--out", str(tmp_path), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_rollout_shift(demo_run, tmp_path):
+    """``--shift`` reaches the sampler: the report records it, and the same rollout (world, seed,
+    actions) with the sigmas warped otherwise predicts other frames."""
+    argv = ["--frames", str(FRAMES), "--context", str(CONTEXT), "--seed", "5", "--methods", "dense"]
+    _run("demos/world_model_rollout.py", *argv, "--shift", "1.25", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["sampler"]["shift"] == 1.25
+    assert demo_run[1]["settings"]["sampler"]["shift"] != 1.25
+    shifted = report["methods"]["dense"]["vs_truth"]["per_frame_psnr"]
+    assert shifted != demo_run[1]["methods"]["dense"]["vs_truth"]["per_frame_psnr"]
+    assert all(math.isfinite(v) for v in shifted)
 
 
 def test_rollout_actions_sources(rollout, tmp_path):
@@ -244,6 +259,23 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
             assert exit_level is None or world["first_exit"] is not None and exit_level >= world["first_exit"]
         assert row["level"]["alive_worlds"] >= row["alive_worlds"]
         assert all(row["level"]["in_range"][k] >= row["in_range"][k] for k in ("mean", "std", "edge"))
+        # frames below / above the level's range per statistic, and the mean-and-std-only reading
+        below_above, mean_std_alive = {}, 0
+        for world, level in zip(row["per_world"], report["level_ranges"], strict=True):
+            fine = np.ones(3, dtype=bool)
+            for key in ("mean", "std", "edge"):
+                values = np.array(world[f"per_frame_{key}"])
+                below_above[f"{key}_below"] = below_above.get(f"{key}_below", 0) + int(
+                    (values < level[key][0]).sum()
+                )
+                below_above[f"{key}_above"] = below_above.get(f"{key}_above", 0) + int(
+                    (values > level[key][1]).sum()
+                )
+                if key != "edge":
+                    fine &= (values >= level[key][0]) & (values <= level[key][1])
+            mean_std_alive += bool(fine.all())
+        assert row["level"]["frames_out"] == below_above
+        assert row["level"]["alive_worlds_mean_std"] == mean_std_alive >= row["level"]["alive_worlds"]
     # a full cache and an 8-frame window hold the same 4 context + 3 frames: identical rollouts
     full, window = report["rows"][0], report["rows"][2]
     assert full["psnr_all"] == window["psnr_all"]
@@ -252,6 +284,7 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
     if expected is not None:
         assert report["winner"]["name"] == expected
     assert printed[-2] == f"winner: {report['winner']['name']} ({report['winner']['reason']})"
+    _check_pooling(report, out, tmp_path)
     with pytest.raises(AssertionError, match="--caches items must be 'full' or an int >= 1"):
         _run("benchmarks/bench_world_model_long.py", "--quick", "--caches", "full,0", "--out", str(out))
     with pytest.raises(AssertionError, match=r"eta must be a float in \[0, 1\], got 1.5"):
@@ -265,6 +298,60 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
             "--out",
             str(out),
         )
+
+
+def _check_pooling(report: dict, path: Path, tmp_path: Path) -> None:
+    """pool_world_model_long.py on the sweep's report and a copy of it as another walk (its worlds'
+    statistics shifted up by one, out of every range): the pooled counts are the two walks' sums, the
+    first walk's equal to the bench's own; a repeated walk or reports sharing no setting are refused."""
+    pool = load_script(ROOT / "benchmarks" / "pool_world_model_long.py")
+    other = json.loads(json.dumps(report))
+    other["settings"]["seeds_list"] = [s + 100 for s in report["settings"]["seeds_list"]]
+    for row in other["rows"]:
+        for world in row["per_world"]:
+            for key in ("mean", "std", "edge"):
+                world[f"per_frame_{key}"] = [v + 1 for v in world[f"per_frame_{key}"]]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    pooled_json = tmp_path / "pooled.json"
+    printed = _run(
+        "benchmarks/pool_world_model_long.py",
+        str(path),
+        str(tmp_path / "other.json"),
+        "--json",
+        str(pooled_json),
+    )
+    pooled = json.loads(pooled_json.read_text())
+    assert [p["name"] for p in pooled] == [row["name"] for row in report["rows"]]
+    for row, p in zip(report["rows"], pooled, strict=True):
+        frames = sum(len(w["per_frame_mean"]) for w in row["per_world"])
+        assert p["walks"] == [report["settings"]["seeds_list"][0], report["settings"]["seeds_list"][0] + 100]
+        assert p["worlds"] == 2 * row["worlds"] and p["frames"] == 2 * frames
+        assert p["psnr_first32"] == [row["psnr_first32"], row["psnr_first32"]]
+        assert p["world"]["alive_worlds"] == row["alive_worlds"]  # the shifted walk: no world alive
+        assert p["level"]["alive_worlds"] == row["level"]["alive_worlds"]
+        assert p["level"]["alive_worlds_mean_std"] == row["level"]["alive_worlds_mean_std"]
+        for key in ("mean", "std", "edge"):
+            assert p["world"]["in_range"][key] == pytest.approx(row["in_range"][key] / 2)
+            assert p["level"]["frames_out"][f"{key}_below"] == row["level"]["frames_out"][f"{key}_below"]
+            assert (
+                p["level"]["frames_out"][f"{key}_above"]
+                == row["level"]["frames_out"][f"{key}_above"] + frames
+            )
+        assert p["level"]["first_exits"][row["worlds"] :] == [0] * row["worlds"]
+        assert f"| {row['name']} | " in printed
+    assert pool.pool_reports([report], [report["rows"][1]["name"]])[0]["name"] == report["rows"][1]["name"]
+    with pytest.raises(ValueError, match=r"walk\(s\) \[\d+\] repeat"):
+        pool.pool_reports([report, report])
+    renamed = json.loads(json.dumps(other))
+    for row in renamed["rows"]:
+        row["name"] += "-x"
+    with pytest.raises(ValueError, match="share no setting"):
+        pool.pool_reports([report, renamed])
+    with pytest.raises(ValueError, match="not in every report"):
+        pool.pool_reports([report], ["t9/full"])
+    (tmp_path / "not_a_report.json").write_text('{"rows": []}')
+    with pytest.raises(AssertionError, match="not_a_report.json is not a bench_world_model_long.py report"):
+        _run("benchmarks/pool_world_model_long.py", str(tmp_path / "not_a_report.json"))
 
 
 def test_long_rollout_sweep_samplers(tmp_path):
@@ -363,12 +450,20 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
     assert alive["first_exit"] == len(frames) - 1, "the first frame outside the range: the texture"
     counts = {key: alive[f"{key}_frames_in_range"] for key in rollout.ALIVE_STATISTICS}
     assert counts == {"mean": len(frames), "std": len(frames), "edge": len(frames) - 1}
+    assert (alive["edge_frames_above"], alive["edge_frames_below"], alive["std_frames_below"]) == (1, 0, 0)
     blurred = frames.copy()
     blurred[-1] = blurred[-1].mean(axis=(0, 1), keepdims=True)  # flat: no structure at all
-    assert not rollout._alive(blurred, true_range)["edge_in_range"]
+    blurred_alive = rollout._alive(blurred, true_range)
+    assert not blurred_alive["edge_in_range"]
+    assert (blurred_alive["edge_frames_below"], blurred_alive["std_frames_below"]) == (1, 1)
     nan = frames.copy()
     nan[0, 0, 0, 0] = np.nan
     nan_alive = rollout._alive(nan, true_range)
     assert nan_alive["nan_frames"] == 1 and nan_alive["first_exit"] == 0 and not nan_alive["pass"]
     assert all(nan_alive[f"{key}_frames_in_range"] == len(frames) - 1 for key in rollout.ALIVE_STATISTICS)
+    assert all(
+        nan_alive[f"{key}_frames_{side}"] == 0
+        for key in rollout.ALIVE_STATISTICS
+        for side in ("below", "above")
+    )
     assert rollout._alive(frames, true_range)["first_exit"] is None

@@ -1,0 +1,170 @@
+"""Pool the long-rollout sweep's reports over several action walks (a script, not a test).
+
+``bench_world_model_long.py`` rolls one batch of worlds out along one action walk: with ``--seed W``
+every world of the batch (W, W+1, ...) follows walk W. Whether a setting keeps the video alive
+depends on the walk (long straight runs are where a world model draws the most of the view itself),
+so ``benchmarks/results/world_model_stability.md`` pools every setting over several walks:
+
+    python benchmarks/bench_world_model_long.py --frames 1000 --context-timesteps 0 --caches 8 \\
+        --seeds 8 --seed 0 --out out/w0.json                   # and --seed 8, 32, 40 into w8, w32, w40
+    python benchmarks/pool_world_model_long.py out/w0.json out/w8.json out/w32.json out/w40.json
+    python benchmarks/pool_world_model_long.py out/w*.json --json out/pooled.json
+
+For each setting (row name) that every report holds, one Markdown row: PSNR over the first 32
+frames per walk; worlds alive against each world's own range and against the level's (every frame's
+mean, std and edge strength within it; NaN frames fail); the level's alive worlds checking mean and
+std only (the issue's literal two statistics); and the frames outside the level's range per
+statistic, below and above. The counts are recomputed from each world's per-frame statistics and
+the report's ranges, so reports written before the bench counted frames out pool as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+STATISTICS = ("mean", "std", "edge")  # the stays-alive check's statistics (world_model_rollout.py)
+
+
+def frames_outside(world: dict, bounds: dict) -> dict[str, np.ndarray]:
+    """Which of one world's frames lie outside ``bounds``: ``{statistic}_below`` and ``_above`` per
+    statistic, and ``nan`` (any statistic not finite: a NaN frame, outside by every check)."""
+    result = {}
+    nan = None
+    for key in STATISTICS:
+        values = np.array([math.nan if v is None else v for v in world[f"per_frame_{key}"]], dtype=np.float64)
+        low, high = bounds[key]
+        result[f"{key}_below"] = values < low
+        result[f"{key}_above"] = values > high
+        nan = ~np.isfinite(values) if nan is None else nan | ~np.isfinite(values)
+    result["nan"] = nan
+    return result
+
+
+def _bad(outside: dict[str, np.ndarray], statistics=STATISTICS) -> np.ndarray:
+    bad = outside["nan"].copy()
+    for key in statistics:
+        bad |= outside[f"{key}_below"] | outside[f"{key}_above"]
+    return bad
+
+
+def pool(reports: list[dict], name: str) -> dict:
+    """One setting (row ``name``) pooled over ``reports`` (one per action walk)."""
+    walks, psnr32, first_exits = [], [], []
+    worlds = frames = world_alive = level_alive = level_alive_mean_std = 0
+    in_range = dict.fromkeys(STATISTICS, 0)
+    out = {f"{key}_{side}": 0 for key in STATISTICS for side in ("below", "above")} | {"nan": 0}
+    for report in reports:
+        row = next(r for r in report["rows"] if r["name"] == name)
+        walks.append(report["settings"]["seeds_list"][0])
+        psnr32.append(row["psnr_first32"])
+        for world, own, level in zip(row["per_world"], report["ranges"], report["level_ranges"], strict=True):
+            mine, theirs = frames_outside(world, own), frames_outside(world, level)
+            worlds += 1
+            frames += len(mine["nan"])
+            world_alive += not _bad(mine).any()
+            for key in STATISTICS:
+                in_range[key] += int((~_bad(mine, (key,))).sum())
+            bad = _bad(theirs)
+            level_alive += not bad.any()
+            level_alive_mean_std += not _bad(theirs, ("mean", "std")).any()
+            first_exits.append(int(np.argmax(bad)) if bad.any() else None)
+            for key in out:
+                out[key] += int(theirs[key].sum())
+    return {
+        "name": name,
+        "walks": walks,
+        "psnr_first32": psnr32,
+        "worlds": worlds,
+        "frames": frames,
+        "world": {"alive_worlds": world_alive, "in_range": {k: v / frames for k, v in in_range.items()}},
+        "level": {
+            "alive_worlds": level_alive,
+            "alive_worlds_mean_std": level_alive_mean_std,
+            "frames_out": out,
+            "first_exits": first_exits,
+        },
+    }
+
+
+def pool_reports(reports: list[dict], names: list[str] | None = None) -> list[dict]:
+    """Every setting the reports share (or ``names``), pooled; a ``ValueError`` when a walk repeats or
+    no setting is shared."""
+    walks = [r["settings"]["seeds_list"][0] for r in reports]
+    repeated = sorted({w for w in walks if walks.count(w) > 1})
+    if repeated:
+        raise ValueError(f"each report must be a different action walk; walk(s) {repeated} repeat")
+    shared = [
+        r["name"]
+        for r in reports[0]["rows"]
+        if all(any(x["name"] == r["name"] for x in o["rows"]) for o in reports)
+    ]
+    if names is not None:
+        missing = [n for n in names if n not in shared]
+        if missing:
+            raise ValueError(f"--rows {missing} not in every report; shared: {shared}")
+        shared = names
+    if not shared:
+        raise ValueError("the reports share no setting (row name); pool reports of one sweep")
+    return [pool(reports, name) for name in shared]
+
+
+def format_table(pooled: list[dict]) -> str:
+    lines = [
+        "| setting | walks | PSNR 32 per walk | world: alive | world: in range % mean / std / edge "
+        "| level: alive | level: alive, mean and std only | level: frames out, mean / std / edge below-above |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in pooled:
+        out = p["level"]["frames_out"]
+        counts = " / ".join(f"{out[f'{k}_below']}-{out[f'{k}_above']}" for k in STATISTICS)
+        if out["nan"]:
+            counts += f", NaN {out['nan']}"
+        lines.append(
+            f"| {p['name']} | {', '.join(map(str, p['walks']))} | "
+            + ", ".join("-" if v is None else f"{v:.2f}" for v in p["psnr_first32"])
+            + f" | {p['world']['alive_worlds']}/{p['worlds']} | "
+            + " / ".join(f"{100 * p['world']['in_range'][k]:.1f}" for k in STATISTICS)
+            + f" | {p['level']['alive_worlds']}/{p['worlds']} | {p['level']['alive_worlds_mean_std']}/{p['worlds']} "
+            f"| {counts} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "reports", nargs="+", type=Path, help="bench_world_model_long.py JSON reports, one per walk"
+    )
+    parser.add_argument(
+        "--rows", default=None, help="comma-separated setting names (default: every shared one)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the pooled rows here")
+    args = parser.parse_args(argv)
+    reports = []
+    for path in args.reports:
+        try:
+            report = json.loads(path.read_text())
+            report["rows"][0]["per_world"], report["level_ranges"], report["settings"]["seeds_list"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+            parser.error(f"{path} is not a bench_world_model_long.py report: {error!r}")
+        reports.append(report)
+    try:
+        pooled = pool_reports(reports, None if args.rows is None else args.rows.split(","))
+    except ValueError as error:
+        parser.error(str(error))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(pooled, indent=1) + "\n")
+    print(format_table(pooled))
+    return pooled
+
+
+if __name__ == "__main__":
+    main()
