@@ -272,12 +272,7 @@ def _measure(
             "first_exits": [a["first_exit"] for a in level],
             "in_range": _shares(level, frames),
             # the bar's own two statistics: no NaN, every frame's mean and std within the range
-            "alive_worlds_mean_std": sum(
-                a["nan_frames"] == 0
-                and a["mean_frames_in_range"] == len(video[0])
-                and a["std_frames_in_range"] == len(video[0])
-                for a in level
-            ),
+            "alive_worlds_mean_std": sum(a["pass_mean_std"] for a in level),
             "frames_out": {
                 f"{key}_{side}": sum(a[f"{key}_frames_{side}"] for a in level)
                 for key in ALIVE_STATISTICS

@@ -14,8 +14,9 @@ For each setting (row name) that every report holds, one Markdown row: PSNR over
 frames per walk; worlds alive against each world's own range and against the level's (every frame's
 mean, std and edge strength within it; NaN frames fail); the level's alive worlds checking mean and
 std only (the issue's literal two statistics); and the frames outside the level's range per
-statistic, below and above. The counts are recomputed from each world's per-frame statistics and
-the report's ranges, so reports written before the bench counted frames out pool as well.
+statistic, below and above. The counts are the rollout script's ``range_check`` on each world's
+per-frame statistics and the report's ranges, so reports written before the bench counted frames
+out pool as well.
 """
 
 from __future__ import annotations
@@ -23,58 +24,50 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("TRITON_INTERPRET", "0")  # as bench_world_model_long.py: nothing here runs a kernel
 
-STATISTICS = ("mean", "std", "edge")  # the stays-alive check's statistics (world_model_rollout.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
+from world_model_rollout import ALIVE_STATISTICS, range_check  # noqa: E402
 
-
-def frames_outside(world: dict, bounds: dict) -> dict[str, np.ndarray]:
-    """Which of one world's frames lie outside ``bounds``: ``{statistic}_below`` and ``_above`` per
-    statistic, and ``nan`` (any statistic not finite: a NaN frame, outside by every check)."""
-    result = {}
-    nan = None
-    for key in STATISTICS:
-        values = np.array([math.nan if v is None else v for v in world[f"per_frame_{key}"]], dtype=np.float64)
-        low, high = bounds[key]
-        result[f"{key}_below"] = values < low
-        result[f"{key}_above"] = values > high
-        nan = ~np.isfinite(values) if nan is None else nan | ~np.isfinite(values)
-    result["nan"] = nan
-    return result
+SIDES = ("below", "above")
 
 
-def _bad(outside: dict[str, np.ndarray], statistics=STATISTICS) -> np.ndarray:
-    bad = outside["nan"].copy()
-    for key in statistics:
-        bad |= outside[f"{key}_below"] | outside[f"{key}_above"]
-    return bad
+def _check(world: dict, bounds: dict) -> dict:
+    """:func:`range_check` of one world's per-frame statistics as a report stores them (``None``:
+    a value that was not finite)."""
+    return range_check(
+        {key: [math.nan if v is None else v for v in world[f"per_frame_{key}"]] for key in ALIVE_STATISTICS},
+        bounds,
+    )
 
 
 def pool(reports: list[dict], name: str) -> dict:
     """One setting (row ``name``) pooled over ``reports`` (one per action walk)."""
     walks, psnr32, first_exits = [], [], []
     worlds = frames = world_alive = level_alive = level_alive_mean_std = 0
-    in_range = dict.fromkeys(STATISTICS, 0)
-    out = {f"{key}_{side}": 0 for key in STATISTICS for side in ("below", "above")} | {"nan": 0}
+    in_range = dict.fromkeys(ALIVE_STATISTICS, 0)
+    out = {f"{key}_{side}": 0 for key in ALIVE_STATISTICS for side in SIDES} | {"nan": 0}
     for report in reports:
         row = next(r for r in report["rows"] if r["name"] == name)
         walks.append(report["settings"]["seeds_list"][0])
         psnr32.append(row["psnr_first32"])
         for world, own, level in zip(row["per_world"], report["ranges"], report["level_ranges"], strict=True):
-            mine, theirs = frames_outside(world, own), frames_outside(world, level)
+            mine, theirs = _check(world, own), _check(world, level)
             worlds += 1
-            frames += len(mine["nan"])
-            world_alive += not _bad(mine).any()
-            for key in STATISTICS:
-                in_range[key] += int((~_bad(mine, (key,))).sum())
-            bad = _bad(theirs)
-            level_alive += not bad.any()
-            level_alive_mean_std += not _bad(theirs, ("mean", "std")).any()
-            first_exits.append(int(np.argmax(bad)) if bad.any() else None)
-            for key in out:
-                out[key] += int(theirs[key].sum())
+            frames += len(world["per_frame_mean"])
+            world_alive += mine["pass"]
+            level_alive += theirs["pass"]
+            level_alive_mean_std += theirs["pass_mean_std"]
+            first_exits.append(theirs["first_exit"])
+            out["nan"] += theirs["nan_frames"]
+            for key in ALIVE_STATISTICS:
+                in_range[key] += mine[f"{key}_frames_in_range"]
+                for side in SIDES:
+                    out[f"{key}_{side}"] += theirs[f"{key}_frames_{side}"]
     return {
         "name": name,
         "walks": walks,
@@ -121,14 +114,14 @@ def format_table(pooled: list[dict]) -> str:
     ]
     for p in pooled:
         out = p["level"]["frames_out"]
-        counts = " / ".join(f"{out[f'{k}_below']}-{out[f'{k}_above']}" for k in STATISTICS)
+        counts = " / ".join(f"{out[f'{k}_below']}-{out[f'{k}_above']}" for k in ALIVE_STATISTICS)
         if out["nan"]:
             counts += f", NaN {out['nan']}"
         lines.append(
             f"| {p['name']} | {', '.join(map(str, p['walks']))} | "
             + ", ".join("-" if v is None else f"{v:.2f}" for v in p["psnr_first32"])
             + f" | {p['world']['alive_worlds']}/{p['worlds']} | "
-            + " / ".join(f"{100 * p['world']['in_range'][k]:.1f}" for k in STATISTICS)
+            + " / ".join(f"{100 * p['world']['in_range'][k]:.1f}" for k in ALIVE_STATISTICS)
             + f" | {p['level']['alive_worlds']}/{p['worlds']} | {p['level']['alive_worlds_mean_std']}/{p['worlds']} "
             f"| {counts} |"
         )

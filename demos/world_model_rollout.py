@@ -480,25 +480,35 @@ def _fidelity(video: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def _alive(video: np.ndarray, true_range: dict) -> dict:
-    """The stays-alive check: no NaN frame, and every frame's mean, std and edge strength
-    (:func:`frame_statistics`) within the true frames' range; ``first_exit``: the first frame that
-    is NaN or has a statistic outside the range (``None``: none); ``{statistic}_frames_in_range``:
-    how many frames have that statistic within the range, ``{statistic}_frames_below`` and
-    ``_above`` how many lie below and above it (a NaN value counts in neither)."""
-    finite = np.isfinite(video).all(axis=(1, 2, 3))
-    outside = ~finite
-    result = {"nan_frames": int(outside.sum())}
-    for key, values in frame_statistics(video).items():
+    """The stays-alive check of ``video`` ``[T, H, W, 3]``: :func:`range_check` of its
+    :func:`frame_statistics` (a frame with a NaN pixel has NaN statistics)."""
+    return range_check(frame_statistics(video), true_range)
+
+
+def range_check(statistics: dict, true_range: dict) -> dict:
+    """The stays-alive check on per-frame ``statistics`` (``{"mean", "std", "edge"}``, arrays, NaN
+    where a frame is not finite): no NaN frame, and every frame's statistics within the true frames'
+    range. ``first_exit``: the first frame that is NaN or has a statistic outside the range (``None``:
+    none); ``pass_mean_std``: the same check on mean and std alone (the issue's two statistics);
+    ``{statistic}_frames_in_range``: how many frames have that statistic within the range,
+    ``{statistic}_frames_below`` and ``_above`` how many lie below and above it (a NaN value counts in
+    neither)."""
+    values = {key: np.asarray(statistics[key], dtype=np.float64) for key in ALIVE_STATISTICS}
+    nan = ~np.logical_and.reduce([np.isfinite(v) for v in values.values()])
+    inside = {}
+    result = {"nan_frames": int(nan.sum())}
+    for key, series in values.items():
         low, high = true_range[key]
-        inside = (values >= low) & (values <= high)
-        outside |= ~inside
-        result[f"{key}_in_range"] = bool(inside.all())
-        result[f"{key}_frames_in_range"] = int(inside.sum())  # NaN values are outside
-        result[f"{key}_frames_below"] = int((values < low).sum())
-        result[f"{key}_frames_above"] = int((values > high).sum())
-        result[f"per_frame_{key}"] = [_finite(v) for v in values]
+        inside[key] = (series >= low) & (series <= high)  # NaN values are outside
+        result[f"{key}_in_range"] = bool(inside[key].all())
+        result[f"{key}_frames_in_range"] = int(inside[key].sum())
+        result[f"{key}_frames_below"] = int((series < low).sum())
+        result[f"{key}_frames_above"] = int((series > high).sum())
+        result[f"per_frame_{key}"] = [_finite(v) for v in series]
+    outside = nan | ~np.logical_and.reduce(list(inside.values()))
     result["first_exit"] = int(np.argmax(outside)) if outside.any() else None
     result["pass"] = result["first_exit"] is None
+    result["pass_mean_std"] = not (nan | ~inside["mean"] | ~inside["std"]).any()
     return result
 
 

@@ -307,6 +307,7 @@ class WorldModelPipeline(CausalWanPipeline):
                 f"or one per batch item ({batch}), got {level!r}"
             )
         conditioning = _ActionConditioning(frames, context_ids, action_ids, policy, num_frames, chunk_frames)
+        sampler = self.sampler
         return self._rollout(
             None,
             self.level_tokens[levels],
@@ -314,9 +315,9 @@ class WorldModelPipeline(CausalWanPipeline):
             size,
             num_frames,
             chunk_frames,
-            self.sampler["denoising_timesteps"] if denoising_timesteps is None else denoising_timesteps,
-            self.sampler["shift"] if shift is None else shift,
-            self.sampler["eta"] if eta is None else eta,
+            sampler["denoising_timesteps"] if denoising_timesteps is None else denoising_timesteps,
+            sampler["shift"] if shift is None else shift,
+            sampler["eta"] if eta is None else eta,
             rollout_kwargs.get("context_timestep", 0),
             rollout_kwargs.get("max_cache_frames"),
             rollout_kwargs.get("sink_frames", 0),

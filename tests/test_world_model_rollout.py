@@ -446,6 +446,7 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
     alive = rollout._alive(texture, true_range)
     assert alive["mean_in_range"] and alive["std_in_range"]
     assert not alive["edge_in_range"] and not alive["pass"]
+    assert alive["pass_mean_std"], "mean and std alone cannot see texture"
     assert alive["per_frame_edge"][-1] > true_range["edge"][1]
     assert alive["first_exit"] == len(frames) - 1, "the first frame outside the range: the texture"
     counts = {key: alive[f"{key}_frames_in_range"] for key in rollout.ALIVE_STATISTICS}
@@ -460,6 +461,7 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
     nan[0, 0, 0, 0] = np.nan
     nan_alive = rollout._alive(nan, true_range)
     assert nan_alive["nan_frames"] == 1 and nan_alive["first_exit"] == 0 and not nan_alive["pass"]
+    assert not nan_alive["pass_mean_std"]
     assert all(nan_alive[f"{key}_frames_in_range"] == len(frames) - 1 for key in rollout.ALIVE_STATISTICS)
     assert all(
         nan_alive[f"{key}_frames_{side}"] == 0
