@@ -47,7 +47,7 @@ import numpy as np
 
 os.environ.setdefault("TRITON_INTERPRET", "0")  # CPU: the PyTorch references, not the interpreter
 
-from vidaccel.metrics import psnr  # noqa: E402
+from vidaccel.metrics import frame_statistics, psnr  # noqa: E402
 from vidaccel.pipelines.causal_wan import check_eta  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,14 +57,15 @@ from world_model_rollout import (  # noqa: E402
     ALIVE_STATISTICS,
     FIRST,
     LEVEL_WORLDS,
-    _alive,
     _finite,
     add_model_arguments,
     add_world_arguments,
+    frames_out,
     joined_range,
     level_frame_range,
     load_world_model,
     parse_timesteps,
+    range_check,
     run_method,
     true_frame_range,
     world_batch,
@@ -232,8 +233,9 @@ def _measure(
 ) -> dict:
     worlds, level = [], []
     for w in range(len(video)):
-        alive = _alive(video[w], ranges[w])
-        level.append(_alive(video[w], level_ranges[w]))
+        stats = frame_statistics(video[w])  # once; checked against both ranges
+        alive = range_check(stats, ranges[w])
+        level.append(range_check(stats, level_ranges[w]))
         worlds.append(
             {
                 "psnr_first32": _finite(psnr(video[w, :FIRST], truth[w, :FIRST])),
@@ -273,11 +275,7 @@ def _measure(
             "in_range": _shares(level, frames),
             # the bar's own two statistics: no NaN, every frame's mean and std within the range
             "alive_worlds_mean_std": sum(a["pass_mean_std"] for a in level),
-            "frames_out": {
-                f"{key}_{side}": sum(a[f"{key}_frames_{side}"] for a in level)
-                for key in ALIVE_STATISTICS
-                for side in ("below", "above")
-            },
+            "frames_out": frames_out(level),
         },
         "seconds": sum(c["latency_s"] for c in chunks),
         "per_world": worlds,

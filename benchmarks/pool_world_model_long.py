@@ -31,9 +31,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "0")  # as bench_world_model_long.py: nothing here runs a kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from world_model_rollout import ALIVE_STATISTICS, range_check  # noqa: E402
-
-SIDES = ("below", "above")
+from world_model_rollout import ALIVE_STATISTICS, frames_out, range_check  # noqa: E402
 
 
 def _check(world: dict, bounds: dict) -> dict:
@@ -47,39 +45,35 @@ def _check(world: dict, bounds: dict) -> dict:
 
 def pool(reports: list[dict], name: str) -> dict:
     """One setting (row ``name``) pooled over ``reports`` (one per action walk)."""
-    walks, psnr32, first_exits = [], [], []
-    worlds = frames = world_alive = level_alive = level_alive_mean_std = 0
-    in_range = dict.fromkeys(ALIVE_STATISTICS, 0)
-    out = {f"{key}_{side}": 0 for key in ALIVE_STATISTICS for side in SIDES} | {"nan": 0}
+    walks, psnr32, own, level = [], [], [], []  # own / level: range_check of every world
     for report in reports:
         row = next(r for r in report["rows"] if r["name"] == name)
         walks.append(report["settings"]["seeds_list"][0])
         psnr32.append(row["psnr_first32"])
-        for world, own, level in zip(row["per_world"], report["ranges"], report["level_ranges"], strict=True):
-            mine, theirs = _check(world, own), _check(world, level)
-            worlds += 1
-            frames += len(world["per_frame_mean"])
-            world_alive += mine["pass"]
-            level_alive += theirs["pass"]
-            level_alive_mean_std += theirs["pass_mean_std"]
-            first_exits.append(theirs["first_exit"])
-            out["nan"] += theirs["nan_frames"]
-            for key in ALIVE_STATISTICS:
-                in_range[key] += mine[f"{key}_frames_in_range"]
-                for side in SIDES:
-                    out[f"{key}_{side}"] += theirs[f"{key}_frames_{side}"]
+        for world, mine, theirs in zip(
+            row["per_world"], report["ranges"], report["level_ranges"], strict=True
+        ):
+            own.append(_check(world, mine))
+            level.append(_check(world, theirs))
+    frames = sum(len(check["per_frame_mean"]) for check in own)
     return {
         "name": name,
         "walks": walks,
         "psnr_first32": psnr32,
-        "worlds": worlds,
+        "worlds": len(own),
         "frames": frames,
-        "world": {"alive_worlds": world_alive, "in_range": {k: v / frames for k, v in in_range.items()}},
+        "world": {
+            "alive_worlds": sum(check["pass"] for check in own),
+            "in_range": {
+                key: sum(check[f"{key}_frames_in_range"] for check in own) / frames
+                for key in ALIVE_STATISTICS
+            },
+        },
         "level": {
-            "alive_worlds": level_alive,
-            "alive_worlds_mean_std": level_alive_mean_std,
-            "frames_out": out,
-            "first_exits": first_exits,
+            "alive_worlds": sum(check["pass"] for check in level),
+            "alive_worlds_mean_std": sum(check["pass_mean_std"] for check in level),
+            "frames_out": frames_out(level),
+            "first_exits": [check["first_exit"] for check in level],
         },
     }
 

@@ -512,6 +512,17 @@ def range_check(statistics: dict, true_range: dict) -> dict:
     return result
 
 
+def frames_out(checks: list[dict]) -> dict:
+    """Frames outside the range summed over :func:`range_check` results (worlds, walks):
+    ``{statistic}_below`` and ``_above`` per statistic, and ``nan``, the frames that are not finite."""
+    out = {
+        f"{key}_{side}": sum(c[f"{key}_frames_{side}"] for c in checks)
+        for key in ALIVE_STATISTICS
+        for side in ("below", "above")
+    }
+    return out | {"nan": sum(c["nan_frames"] for c in checks)}
+
+
 def _quality_bars(runs: dict, baseline: dict) -> dict:
     margin = None
     if "dense" in runs and None not in (runs["dense"]["vs_truth"]["psnr_first32"], baseline["psnr_first32"]):

@@ -274,6 +274,7 @@ def test_long_rollout_sweep_quick(rollout, tmp_path):
                 if key != "edge":
                     fine &= (values >= level[key][0]) & (values <= level[key][1])
             mean_std_alive += bool(fine.all())
+            below_above["nan"] = below_above.get("nan", 0) + sum(v is None for v in world["per_frame_mean"])
         assert row["level"]["frames_out"] == below_above
         assert row["level"]["alive_worlds_mean_std"] == mean_std_alive >= row["level"]["alive_worlds"]
     # a full cache and an 8-frame window hold the same 4 context + 3 frames: identical rollouts
