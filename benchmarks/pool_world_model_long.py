@@ -16,7 +16,9 @@ mean, std and edge strength within it; NaN frames fail); the level's alive world
 std only (the issue's literal two statistics); and the frames outside the level's range per
 statistic, below and above. The counts are the rollout script's ``range_check`` on each world's
 per-frame statistics and the report's ranges, so reports written before the bench counted frames
-out pool as well.
+out pool as well. ``--level-worlds N`` re-checks against the level's range from N worlds' walks
+joined with each world's own (reports written before the level's range came from 512 worlds stored
+the range of 32).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "0")  # as bench_world_model_long.py: nothing here runs a kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from world_model_rollout import ALIVE_STATISTICS, frames_out, range_check  # noqa: E402
+from world_model_rollout import (  # noqa: E402
+    ALIVE_STATISTICS,
+    frames_out,
+    joined_range,
+    level_frame_range,
+    range_check,
+)
 
 
 def _check(world: dict, bounds: dict) -> dict:
@@ -133,7 +141,16 @@ def main(argv=None) -> list[dict]:
         "--rows", default=None, help="comma-separated setting names (default: every shared one)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the pooled rows here")
+    parser.add_argument(
+        "--level-worlds",
+        type=int,
+        default=None,
+        help="re-check against the level's range from this many worlds' walks (level_frame_range, "
+        "joined with each world's own range) instead of the range each report stored",
+    )
     args = parser.parse_args(argv)
+    if args.level_worlds is not None and args.level_worlds < 1:
+        parser.error(f"--level-worlds must be >= 1, got {args.level_worlds}")
     reports = []
     for path in args.reports:
         try:
@@ -141,6 +158,9 @@ def main(argv=None) -> list[dict]:
             report["rows"][0]["per_world"], report["level_ranges"], report["settings"]["seeds_list"]
         except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
             parser.error(f"{path} is not a bench_world_model_long.py report: {error!r}")
+        if args.level_worlds is not None:  # the sweep's worlds are all of level 0
+            level = level_frame_range(0, args.level_worlds)
+            report["level_ranges"] = [joined_range(own, level) for own in report["ranges"]]
         reports.append(report)
     try:
         pooled = pool_reports(reports, None if args.rows is None else args.rows.split(","))

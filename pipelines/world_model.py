@@ -50,8 +50,9 @@ DEFAULT_WORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "world_mo
 LONG_WORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "world_model_long"
 """The world model for long rollouts: ``assets/world_model_long``, a weight average of two
 fine-tunings of the shipped model, fine-tuned again with the contrast-and-detail loss
-(``train_world_model.py --stats-loss``), with the rolling window it was measured stable with in its
-``world_model.json`` (``recommended_rollout``)."""
+(``train_world_model.py --stats-loss``). Its ``world_model.json`` holds the sampler (flow shift
+1.25) and the rolling window (``recommended_rollout``) it was measured stable with over 1,000
+frames."""
 
 LEVEL_TOKENS = {"num_tokens": 4, "dim": 32, "seed": 0}
 """The level's prompt-like token sequence: ``num_tokens`` fixed random vectors of ``dim`` per level

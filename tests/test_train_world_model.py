@@ -4,6 +4,7 @@
 rollout as context, true targets), the plain objective when all are off, and bad options."""
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -367,3 +368,39 @@ def _data(train):
     env = GameEnv(4, level=2)
     frames = np.stack([env.reset(), *env.rollout(actions[1:])])
     return train.Data(frames[None], np.array(actions)[None], np.array([2]), CPU)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the shipped world model is missing")
+def test_eval_script_is_the_training_evaluation_for_any_sampler(train, tmp_path):
+    """``benchmarks/eval_world_model.py``: the training script's held-out evaluation (episode seeds
+    from 1,000,000) of a finished model, one row per sampler given, the model's own by default; bad
+    samplers and a folder without ``world_model.json`` are refused."""
+    script = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "eval_world_model.py")
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(DEFAULT_WORLD_MODEL), "--episodes", "1", "--frames", "2", "--workers", "1"]
+    record = script.main(
+        [*argv, "--timesteps", "1000,500", "--shifts", "1.0,3.0", "--device", "cpu", "--json", str(out)]
+    )
+    assert json.loads(out.read_text()) == record
+    samplers = [(row["denoising_timesteps"], row["shift"]) for row in record["samplers"]]
+    assert samplers == [([1000, 500], 1.0), ([1000, 500], 3.0)]
+    assert record["samplers"][0]["psnr"] != record["samplers"][1]["psnr"]
+    assert record["chosen"]["shift"] == max(record["samplers"], key=lambda row: row["psnr"])["shift"]
+    # the training script's functions as the eval script imports them (a process pool pickles by name)
+    frames, actions, levels = script.make_episodes(1, train.CONTEXT_FRAMES + 2, 1, seed_base=1_000_000)
+    model = script.build_model(DEFAULT_WORLD_MODEL, False, CPU)
+    trainer = script.Trainer(CPU)
+    trainer.install(model)
+    expected = script.evaluate(
+        trainer, model, script.Data(frames, actions, levels, CPU), 2, [((1000, 500), 3.0)]
+    )
+    assert record["samplers"][1]["psnr_per_frame"] == expected["samplers"][0]["psnr_per_frame"]
+    assert record["psnr_copy_last_context"] == expected["psnr_copy_last_context"]
+    metadata = json.loads((DEFAULT_WORLD_MODEL / "world_model.json").read_text())
+    assert script.parse_args(argv).samplers == [(tuple(metadata["denoising_timesteps"]), metadata["shift"])]
+    with pytest.raises(ValueError, match=r"--shifts must be > 0, got \[0.0\]"):
+        script.parse_args([*argv, "--shifts", "0"])
+    with pytest.raises(ValueError, match="--timesteps must be comma-separated numbers"):
+        script.parse_args([*argv, "--timesteps", "1000,x"])
+    with pytest.raises(ValueError, match="has no world_model.json"):
+        script.parse_args(["--model", str(tmp_path)])

@@ -94,6 +94,8 @@ def test_long_rollout_model_loads_and_rolls_out_through_its_window():
     window = metadata["recommended_rollout"]
     assert window["sink_frames"] == metadata["context_frames"] < window["max_cache_frames"]
     pipe = WorldModelPipeline.from_pretrained_world_model(LONG_WORLD_MODEL, device="cpu")
+    # the sampler it was measured stable with (shift 1.25, world_model_stability.md section 9) is the default
+    assert pipe.sampler["shift"] == metadata["shift"] == metadata["sampler_choice"]["shift"] == 1.25
     pipe.set_attn_processor(DenseProcessor(backend=REFERENCE))
     frames, actions = _episode(7)
     run = dict(context_actions=actions[:4], denoising_timesteps=[1000, 500])

@@ -22,7 +22,7 @@ from _helpers import load_script
 from PIL import Image
 
 from vidaccel.metrics import psnr
-from vidaccel.pipelines.game import ACTIONS, random_actions
+from vidaccel.pipelines.game import ACTIONS, LEVELS, random_actions
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES, CONTEXT = 2, 1
@@ -95,13 +95,17 @@ def test_rollout_report_figures(demo_run, rollout):
         assert run["kv_cache_bytes"] > 0 and run["peak_gpu_bytes"] is None  # CPU: no GPU memory
         assert len(run["vs_truth"]["per_frame_psnr"]) == FRAMES
         assert run["flagged"] == (run["loss_vs_dense_first32_db"] > rollout.FLAG_DB)
-        alive = run["alive"]
+        alive, level = run["alive"], run["alive_level"]
         assert alive["pass"] == (
             alive["nan_frames"] == 0
             and alive["mean_in_range"]
             and alive["std_in_range"]
             and alive["edge_in_range"]
         )
+        # the level's range holds the world's: a frame inside the world's range is inside the level's
+        for key in rollout.ALIVE_STATISTICS:
+            assert level[f"{key}_frames_in_range"] >= alive[f"{key}_frames_in_range"], (method, key)
+        assert level["pass"] >= alive["pass"] and level["pass_mean_std"] >= level["pass"]
 
     # The truth and the copy-last-frame baseline, recomputed from the recorded actions.
     actions = report["actions"]
@@ -112,6 +116,7 @@ def test_rollout_report_figures(demo_run, rollout):
     assert report["true_range"] == rollout.true_frame_range(
         (truth * 255).round().astype(np.uint8), 5, 0
     )  # the clip's true frames and a long walk in the same world
+    assert report["level_range"] == rollout.joined_range(report["true_range"], rollout.level_frame_range(0))
     means = truth.mean(axis=(1, 2, 3))
     low, high = report["true_range"]["mean"]
     assert low <= means.min() and means.max() <= high
@@ -123,11 +128,15 @@ def test_rollout_report_figures(demo_run, rollout):
         assert summary["total_s"] == run["total_s"] and summary["kv_cache_bytes"] == run["kv_cache_bytes"]
         assert summary["psnr_all"] == pytest.approx(run["vs_truth"]["psnr_all"])
         assert summary["alive"]["pass"] == run["alive"]["pass"]
+        assert summary["alive_level"] == {
+            k: v for k, v in run["alive_level"].items() if not k.startswith("per_")
+        }
     bars = report["quality_bars"]
     margin = dense["vs_truth"]["psnr_first32"] - report["copy_last_frame"]["psnr_first32"]
     assert bars["dense_over_copy_last_db"] == pytest.approx(margin)
     assert bars["dense_beats_copy_last"] == (margin >= rollout.COPY_LAST_MARGIN_DB)
     assert bars["alive"] == {m: run["alive"]["pass"] for m, run in runs.items()}
+    assert bars["alive_level"] == {m: run["alive_level"]["pass"] for m, run in runs.items()}
 
 
 @pytest.mark.parametrize(
@@ -341,6 +350,22 @@ def _check_pooling(report: dict, path: Path, tmp_path: Path) -> None:
         assert p["level"]["first_exits"][row["worlds"] :] == [0] * row["worlds"]
         assert f"| {row['name']} | " in printed
     assert pool.pool_reports([report], [report["rows"][1]["name"]])[0]["name"] == report["rows"][1]["name"]
+    # --level-worlds: the bench's own level range (LEVEL_WORLDS worlds) again, then one world's: narrower
+    stored = pool.main([str(path)])
+    assert (
+        pool.main(
+            [
+                str(path),
+                "--level-worlds",
+                str(load_script(ROOT / "demos" / "world_model_rollout.py").LEVEL_WORLDS),
+            ]
+        )
+        == stored
+    )
+    for narrow, wide in zip(pool.main([str(path), "--level-worlds", "1"]), stored, strict=True):
+        assert narrow["level"]["alive_worlds"] <= wide["level"]["alive_worlds"]
+        assert sum(narrow["level"]["frames_out"].values()) >= sum(wide["level"]["frames_out"].values())
+        assert narrow["world"] == wide["world"]  # each world's own range is untouched
     with pytest.raises(ValueError, match=r"walk\(s\) \[\d+\] repeat"):
         pool.pool_reports([report, report])
     renamed = json.loads(json.dumps(other))
@@ -372,6 +397,51 @@ def test_long_rollout_sweep_samplers(tmp_path):
     assert [row["name"] for row in rows] == ["t0/full/ts1000-500", "t0/full/ts1000-500-100"]
     assert [row["timesteps"] for row in rows] == [[1000.0, 500.0], [1000.0, 500.0, 100.0]]
     assert rows[0]["psnr_all"] != rows[1]["psnr_all"]
+
+
+def test_stored_level_ranges_are_the_walks_ranges(rollout, tmp_path):
+    """``assets/level_frame_ranges.json`` holds each world's walk range for 512 worlds of every level:
+    recomputed worlds match it, the level's range joins them, and a file that cannot serve a request
+    (too few worlds, other walks, missing) is not used."""
+    stored = json.loads(rollout.LEVEL_RANGES.read_text())
+    assert stored["reference_frames"] == rollout.REFERENCE_FRAMES and stored["worlds"] == rollout.LEVEL_WORLDS
+    assert sorted(stored["levels"]) == [str(level) for level in range(len(LEVELS))]
+    for level, seed in ((0, 0), (0, rollout.LEVEL_WORLDS - 1), (3, 7)):
+        entry = stored["levels"][str(level)]
+        recomputed = rollout.walk_range(seed, level)
+        for key in rollout.ALIVE_STATISTICS:
+            assert len(entry[key]) == rollout.LEVEL_WORLDS
+            np.testing.assert_allclose(entry[key][seed], recomputed[key], rtol=1e-9)
+    level = rollout.level_frame_range(0)
+    for key in rollout.ALIVE_STATISTICS:
+        lows, highs = zip(*stored["levels"]["0"][key], strict=True)
+        assert level[key] == [min(lows), max(highs)]
+    # more worlds: a wider (or equal) range; 512 worlds reach lower stds than 32 do
+    few = rollout.level_frame_range(0, worlds=32)
+    assert all(level[k][0] <= few[k][0] and few[k][1] <= level[k][1] for k in rollout.ALIVE_STATISTICS)
+    assert level["std"][0] < few["std"][0]
+    assert rollout.stored_walk_ranges(0, rollout.LEVEL_WORLDS + 1) is None
+    assert rollout.stored_walk_ranges(0, 2, path=tmp_path / "missing.json") is None
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(stored | {"reference_frames": rollout.REFERENCE_FRAMES + 1}))
+    assert rollout.stored_walk_ranges(0, 2, path=other) is None
+
+
+def test_level_ranges_script_writes_the_stored_ranges(tmp_path):
+    """``benchmarks/level_frame_ranges.py`` on 2 worlds of two levels: the stored file's first 2
+    worlds of each; bad options are refused."""
+    script = load_script(ROOT / "benchmarks" / "level_frame_ranges.py")
+    out = tmp_path / "ranges.json"
+    written = script.main(["--worlds", "2", "--levels", "0,2", "--workers", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == written and written["worlds"] == 2
+    stored = json.loads(script.LEVEL_RANGES.read_text())["levels"]
+    for level in ("0", "2"):
+        for key in script.ALIVE_STATISTICS:
+            np.testing.assert_allclose(written["levels"][level][key], stored[level][key][:2], rtol=1e-9)
+    assert sorted(written["levels"]) == ["0", "2"]
+    for argv in (["--worlds", "0"], ["--levels", "4"]):
+        with pytest.raises(SystemExit):
+            script.main([*argv, "--out", str(out)])
 
 
 def test_level_frame_range_spans_every_worlds_true_frames(rollout):
@@ -437,14 +507,14 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
     truth = rollout.play(3, 0, [0], random_actions(40, seed=3))
     true_range = rollout.true_frame_range(truth, 3, 0)
     frames = truth[1:].astype(np.float32) / 255.0
-    assert rollout._alive(frames, true_range)["pass"]
+    assert rollout._alive(frames, true_range)["alive"]["pass"]
     rng = np.random.default_rng(0)
     texture = frames.copy()
     flat = texture[-1].reshape(-1, 3)
     texture[-1] = flat[rng.permutation(len(flat))].reshape(texture[-1].shape)
     stats = rollout.frame_statistics(texture[-1:])
     np.testing.assert_allclose(stats["mean"], rollout.frame_statistics(frames[-1:])["mean"], rtol=1e-5)
-    alive = rollout._alive(texture, true_range)
+    alive = rollout._alive(texture, true_range)["alive"]
     assert alive["mean_in_range"] and alive["std_in_range"]
     assert not alive["edge_in_range"] and not alive["pass"]
     assert alive["pass_mean_std"], "mean and std alone cannot see texture"
@@ -455,12 +525,12 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
     assert (alive["edge_frames_above"], alive["edge_frames_below"], alive["std_frames_below"]) == (1, 0, 0)
     blurred = frames.copy()
     blurred[-1] = blurred[-1].mean(axis=(0, 1), keepdims=True)  # flat: no structure at all
-    blurred_alive = rollout._alive(blurred, true_range)
+    blurred_alive = rollout._alive(blurred, true_range)["alive"]
     assert not blurred_alive["edge_in_range"]
     assert (blurred_alive["edge_frames_below"], blurred_alive["std_frames_below"]) == (1, 1)
     nan = frames.copy()
     nan[0, 0, 0, 0] = np.nan
-    nan_alive = rollout._alive(nan, true_range)
+    nan_alive = rollout._alive(nan, true_range)["alive"]
     assert nan_alive["nan_frames"] == 1 and nan_alive["first_exit"] == 0 and not nan_alive["pass"]
     assert not nan_alive["pass_mean_std"]
     assert all(nan_alive[f"{key}_frames_in_range"] == len(frames) - 1 for key in rollout.ALIVE_STATISTICS)
@@ -469,4 +539,9 @@ def test_alive_catches_texture_with_the_true_mean_and_std(rollout):
         for key in rollout.ALIVE_STATISTICS
         for side in ("below", "above")
     )
-    assert rollout._alive(frames, true_range)["first_exit"] is None
+    assert rollout._alive(frames, true_range)["alive"]["first_exit"] is None
+    # against a wider range (the level's) the blurred frame's std is back in range, its edge is not
+    wider = {key: [low * 0.5, high] for key, (low, high) in true_range.items()}
+    both = rollout._alive(blurred, true_range, wider)
+    assert both["alive"] == blurred_alive and both["alive_level"]["std_in_range"]
+    assert both["alive_level"]["edge_frames_below"] == 1 and not both["alive_level"]["pass"]
