@@ -47,7 +47,7 @@ import numpy as np
 
 os.environ.setdefault("TRITON_INTERPRET", "0")  # CPU: the PyTorch references, not the interpreter
 
-from vidaccel.metrics import frame_statistics, psnr  # noqa: E402
+from vidaccel.metrics import psnr  # noqa: E402
 from vidaccel.pipelines.causal_wan import check_eta  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,6 +57,7 @@ from world_model_rollout import (  # noqa: E402
     ALIVE_STATISTICS,
     FIRST,
     LEVEL_WORLDS,
+    _alive,
     _finite,
     add_model_arguments,
     add_world_arguments,
@@ -65,7 +66,6 @@ from world_model_rollout import (  # noqa: E402
     level_frame_range,
     load_world_model,
     parse_timesteps,
-    range_check,
     run_method,
     true_frame_range,
     world_batch,
@@ -233,9 +233,9 @@ def _measure(
 ) -> dict:
     worlds, level = [], []
     for w in range(len(video)):
-        stats = frame_statistics(video[w])  # once; checked against both ranges
-        alive = range_check(stats, ranges[w])
-        level.append(range_check(stats, level_ranges[w]))
+        checks = _alive(video[w], ranges[w], level_ranges[w])  # the statistics once, both ranges
+        alive = checks["alive"]
+        level.append(checks["alive_level"])
         worlds.append(
             {
                 "psnr_first32": _finite(psnr(video[w, :FIRST], truth[w, :FIRST])),

@@ -28,16 +28,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0")  # nothing here runs a kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
 from train_world_model import CONTEXT_FRAMES, Data, Trainer, build_model, evaluate, make_episodes  # noqa: E402
-
-
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{name} is empty")
-    return values
+from world_model_rollout import parse_timesteps  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,10 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     step_lists = (
         [metadata["denoising_timesteps"]]
         if args.timesteps is None
-        else [[int(t) for t in _floats(part, "--timesteps")] for part in args.timesteps.split(";")]
+        else [parse_timesteps(part) for part in args.timesteps.split(";")]
     )
-    shifts = [float(metadata["shift"])] if args.shifts is None else _floats(args.shifts, "--shifts")
-    if any(s <= 0 for s in shifts):
+    try:
+        shifts = (
+            [float(metadata["shift"])] if args.shifts is None else [float(s) for s in args.shifts.split(",")]
+        )
+    except ValueError:
+        raise ValueError(f"--shifts must be comma-separated numbers, got {args.shifts!r}") from None
+    if not all(s > 0 for s in shifts):
         raise ValueError(f"--shifts must be > 0, got {shifts}")
     if args.episodes < 1 or args.frames < 1:
         raise ValueError(f"--episodes and --frames must be >= 1, got {args.episodes} and {args.frames}")

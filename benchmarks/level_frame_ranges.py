@@ -30,25 +30,23 @@ from world_model_rollout import (  # noqa: E402
     LEVEL_RANGES,
     LEVEL_WORLDS,
     REFERENCE_FRAMES,
+    joined_range,
+    stored_walk_ranges,
     walk_range,
 )
 
 from vidaccel.pipelines.game import LEVELS  # noqa: E402
 
 
-def _walk(task: tuple[int, int]) -> dict:
-    seed, level = task
-    return walk_range(seed, level)
-
-
 def level_ranges(levels: list[int], worlds: int, workers: int) -> dict:
     """``{level: {statistic: [[low, high] per world]}}`` for worlds ``0 .. worlds - 1``."""
-    tasks = [(seed, level) for level in levels for seed in range(worlds)]
+    seeds = [seed for _ in levels for seed in range(worlds)]
+    level_of = [level for level in levels for _ in range(worlds)]
     if workers == 1:  # in this process
-        ranges = [_walk(task) for task in tasks]
+        ranges = list(map(walk_range, seeds, level_of))
     else:
         with ProcessPoolExecutor(workers) as pool:
-            ranges = list(pool.map(_walk, tasks, chunksize=8))
+            ranges = list(pool.map(walk_range, seeds, level_of, chunksize=8))
     out = {}
     for index, level in enumerate(levels):
         mine = ranges[index * worlds : (index + 1) * worlds]
@@ -88,10 +86,7 @@ def main(argv=None) -> dict:
         n = 32
         while True:
             n = min(n, args.worlds)
-            joined = {
-                k: (min(r[0] for r in entry[k][:n]), max(r[1] for r in entry[k][:n]))
-                for k in ALIVE_STATISTICS
-            }
+            joined = joined_range(*stored_walk_ranges(int(level), n, path=args.out))  # as the check reads it
             print(f"level {level} ({entry['name']}), {n} worlds: "
                   + ", ".join(f"{k} {lo:.4f}-{hi:.4f}" for k, (lo, hi) in joined.items()), flush=True)  # fmt: skip
             if n == args.worlds:

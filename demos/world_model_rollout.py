@@ -348,7 +348,7 @@ def level_frame_range(level: int, worlds: int = LEVEL_WORLDS) -> dict:
     ranges = stored_walk_ranges(level, worlds)
     if ranges is None:
         ranges = [walk_range(seed, level) for seed in range(worlds)]
-    return {key: [min(r[key][0] for r in ranges), max(r[key][1] for r in ranges)] for key in ALIVE_STATISTICS}
+    return joined_range(*ranges)
 
 
 def walk_range(seed: int, level: int) -> dict:
@@ -376,9 +376,9 @@ def _reference_walk(seed: int, level: int) -> np.ndarray:
     return play(seed, level, [ACTIONS.index("noop")], random_actions(REFERENCE_FRAMES, seed=seed + 1))
 
 
-def joined_range(first: dict, second: dict) -> dict:
-    """The smallest range holding both ranges (``{statistic: [low, high]}``)."""
-    return {key: [min(first[key][0], second[key][0]), max(first[key][1], second[key][1])] for key in first}
+def joined_range(*ranges: dict) -> dict:
+    """The smallest range holding all ``ranges`` (each ``{statistic: [low, high]}``)."""
+    return {key: [min(r[key][0] for r in ranges), max(r[key][1] for r in ranges)] for key in ranges[0]}
 
 
 def method_configs(method: str, args) -> tuple[list, dict]:

@@ -400,7 +400,11 @@ def test_eval_script_is_the_training_evaluation_for_any_sampler(train, tmp_path)
     assert script.parse_args(argv).samplers == [(tuple(metadata["denoising_timesteps"]), metadata["shift"])]
     with pytest.raises(ValueError, match=r"--shifts must be > 0, got \[0.0\]"):
         script.parse_args([*argv, "--shifts", "0"])
-    with pytest.raises(ValueError, match="--timesteps must be comma-separated numbers"):
+    with pytest.raises(ValueError, match="--shifts must be comma-separated numbers, got '1,x'"):
+        script.parse_args([*argv, "--shifts", "1,x"])
+    with pytest.raises(ValueError, match="timesteps are comma-separated numbers, got '1000,x'"):
         script.parse_args([*argv, "--timesteps", "1000,x"])
+    with pytest.raises(ValueError, match="denoising_timesteps must be strictly decreasing"):
+        script.parse_args([*argv, "--timesteps", "1000,750;500,750"])
     with pytest.raises(ValueError, match="has no world_model.json"):
         script.parse_args(["--model", str(tmp_path)])
