@@ -1,6 +1,7 @@
 """World-model rollouts: our small Wan world model, dense and accelerated, against the game's true frames.
 
-The world model (``vidaccel.pipelines.WorldModelPipeline``, weights shipped in ``assets/world_model``)
+The world model (``vidaccel.pipelines.WorldModelPipeline``; by default the best one shipped,
+``assets/world_model_long``, on CPU and GPU; ``--model`` takes another, e.g. ``assets/world_model``)
 predicts the frames of a procedural game (``vidaccel.pipelines.game``) from true context frames and
 the player's actions. This script rolls it out with the same actions the game is played with, once
 per method, and measures every method against the game's true frames:
@@ -66,7 +67,12 @@ import vidaccel
 from vidaccel.metrics import frame_statistics, psnr, ssim
 from vidaccel.pipelines.causal_wan import check_denoising_timesteps, check_eta
 from vidaccel.pipelines.game import ACTIONS, GameEnv, parse_actions, random_actions, scripted_actions
-from vidaccel.pipelines.world_model import WorldModelPipeline
+from vidaccel.pipelines.world_model import (
+    BEST_WORLD_MODEL,
+    DEFAULT_WORLD_MODEL,
+    LEVEL_FRAME_RANGES,
+    WorldModelPipeline,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from long_rollout import parse_methods, plot_chunks, plot_lines, timed_chunks, write_video  # noqa: E402
@@ -80,7 +86,7 @@ COPY_LAST_MARGIN_DB = 2.0  # dense must beat the copy-last-frame baseline by thi
 REFERENCE_FRAMES = 1000  # true frames of the stays-alive range beyond the clip's own
 ALIVE_STATISTICS = ("mean", "std", "edge")  # per-frame statistics the stays-alive check bounds
 LEVEL_WORLDS = 512  # worlds whose random walks give a level's range (level_frame_range)
-LEVEL_RANGES = Path(__file__).resolve().parents[1] / "assets" / "level_frame_ranges.json"
+LEVEL_RANGES = LEVEL_FRAME_RANGES  # assets/level_frame_ranges.json, package data of vidaccel
 """Each world's walk range (:func:`walk_range`) for ``LEVEL_WORLDS`` worlds of every level, stored
 because the game is deterministic and 512 walks take minutes (``benchmarks/level_frame_ranges.py``)."""
 FPS = 16
@@ -177,7 +183,7 @@ def main(argv=None) -> dict:
         "model": {
             "path": "random weights"
             if args.random_weights
-            else str(args.model or "shipped (assets/world_model)"),
+            else str(args.model or f"shipped ({DEFAULT_WORLD_MODEL.name})"),
             "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
             "training": meta.get("training"),
         },
@@ -654,10 +660,14 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--random-weights`` and ``--device``, which :func:`load_world_model` reads."""
+def add_model_arguments(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+    """``--model`` (``default``: ``None`` loads ``from_pretrained_world_model()``'s default),
+    ``--random-weights`` and ``--device``, which :func:`load_world_model` reads."""
     parser.add_argument(
-        "--model", type=Path, default=None, help="world-model folder (default: the shipped one)"
+        "--model",
+        type=Path,
+        default=default,
+        help=f"world-model folder (default: the shipped {(default or DEFAULT_WORLD_MODEL).name})",
     )
     parser.add_argument(
         "--random-weights",
@@ -694,7 +704,7 @@ def load_world_model(args: argparse.Namespace) -> WorldModelPipeline:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
+    add_model_arguments(parser, default=BEST_WORLD_MODEL)
     parser.add_argument(
         "--frames",
         type=int,

@@ -4,9 +4,46 @@ The references and the block planner import without Triton; the Triton launchers
 (``vidaccel.kernels.attention.attention_fwd``, ``vidaccel.kernels.merge.merge_attention_fwd``) are
 imported where used, so that ``TRITON_INTERPRET`` can be set before Triton loads. This package never
 imports diffusers.
+
+This folder is reachable only as ``vidaccel.kernels``. The top-level name ``kernels`` belongs to the
+PyPI package of that name (transformers requires it), and ``python`` started in the repository root
+puts this folder on ``sys.path`` as ``kernels``: imported under that name, this file hands the name
+over to the installed package (found on ``sys.path`` without the repository root) before anything
+of ours runs, and raises ``ModuleNotFoundError`` when that package is not installed.
 """
 
-from .plan import BlockPlan, plan_blocks
-from .reference import attention_reference, merge_attention_reference
+if __name__ != "vidaccel.kernels":
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-__all__ = ["BlockPlan", "plan_blocks", "attention_reference", "merge_attention_reference"]
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+    def _outside_repo(entry):
+        try:
+            return _os.path.realpath(entry or _os.getcwd()) != _os.path.realpath(_root)
+        except (OSError, TypeError):
+            return True
+
+    _spec = _machinery.PathFinder.find_spec(__name__, [p for p in _sys.path if _outside_repo(p)])
+    if _spec is None or _spec.loader is None:
+        del _sys.modules[__name__]
+        raise ModuleNotFoundError(
+            f"No module named {__name__!r} outside the vidaccel repository ({_root}): this folder is "
+            "vidaccel's kernels, importable only as 'vidaccel.kernels'; 'kernels' is the PyPI package "
+            "(pip install kernels)",
+            name=__name__,
+        )
+    _module = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _module
+    try:
+        _spec.loader.exec_module(_module)
+    except BaseException:
+        _sys.modules.pop(__name__, None)
+        raise
+else:
+    from .plan import BlockPlan, plan_blocks
+    from .reference import attention_reference, merge_attention_reference
+
+    __all__ = ["BlockPlan", "plan_blocks", "attention_reference", "merge_attention_reference"]

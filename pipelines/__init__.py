@@ -9,10 +9,17 @@ from .causal_wan import CausalWanPipeline, RolloutState
 from .freeswim import FreeSwimWanPipeline, FreeSwimWanPipelineOutput
 from .game import ACTIONS, GameEnv, parse_actions, random_actions, scripted_actions
 from .tiny import build_tiny_wan_pipeline, tiny_prompt_embeds
-from .world_model import DEFAULT_WORLD_MODEL, LONG_WORLD_MODEL, WorldModelPipeline, world_model_config
+from .world_model import (
+    BEST_WORLD_MODEL,
+    DEFAULT_WORLD_MODEL,
+    LONG_WORLD_MODEL,
+    WorldModelPipeline,
+    world_model_config,
+)
 
 __all__ = [
     "ACTIONS",
+    "BEST_WORLD_MODEL",
     "DEFAULT_WORLD_MODEL",
     "LONG_WORLD_MODEL",
     "GameEnv",

@@ -35,7 +35,10 @@ from .causal_wan import CausalWanPipeline, ChunkConditioning
 from .game import ACTIONS, FRAME_SIZE, LEVELS, parse_actions
 
 __all__ = [
+    "ASSETS",
+    "BEST_WORLD_MODEL",
     "DEFAULT_WORLD_MODEL",
+    "LEVEL_FRAME_RANGES",
     "LONG_WORLD_MODEL",
     "LEVEL_TOKENS",
     "WorldModelPipeline",
@@ -44,15 +47,28 @@ __all__ = [
     "world_model_config",
 ]
 
-DEFAULT_WORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "world_model"
-"""The shipped world model: ``assets/world_model`` of the repository (editable installs)."""
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+"""The shipped assets: the repository's ``assets/`` in a checkout or an editable install, and
+``vidaccel/assets/`` (package data) in an installed wheel; both lie beside this package's folder."""
 
-LONG_WORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "world_model_long"
+DEFAULT_WORLD_MODEL = ASSETS / "world_model"
+"""The shipped world model: ``assets/world_model``."""
+
+LONG_WORLD_MODEL = ASSETS / "world_model_long"
 """The world model for long rollouts: ``assets/world_model_long``, a weight average of two
 fine-tunings of the shipped model, fine-tuned again with the contrast-and-detail loss
 (``train_world_model.py --stats-loss``). Its ``world_model.json`` holds the sampler (flow shift
 1.25) and the rolling window (``recommended_rollout``) it was measured stable with over 1,000
 frames."""
+
+BEST_WORLD_MODEL = LONG_WORLD_MODEL
+"""The best world model shipped, the rollout demo's default on CPU and GPU (``make demo``): every
+method stays alive by the level's range with it, where :data:`DEFAULT_WORLD_MODEL` fails that check
+at 24 frames. ``from_pretrained_world_model()`` without a path keeps loading :data:`DEFAULT_WORLD_MODEL`."""
+
+LEVEL_FRAME_RANGES = ASSETS / "level_frame_ranges.json"
+"""Each world's true-frame range for the level check of the rollout demo
+(``benchmarks/level_frame_ranges.py`` writes it)."""
 
 LEVEL_TOKENS = {"num_tokens": 4, "dim": 32, "seed": 0}
 """The level's prompt-like token sequence: ``num_tokens`` fixed random vectors of ``dim`` per level
@@ -180,9 +196,9 @@ class WorldModelPipeline(CausalWanPipeline):
             ]
             if missing:
                 raise ValueError(
-                    f"no world model at {folder} (missing {', '.join(missing)}). The shipped model is "
-                    "assets/world_model in the vidaccel repository: install it editable (pip install -e .) "
-                    "or pass its path; demos/train_world_model.py trains one"
+                    f"no world model at {folder} (missing {', '.join(missing)}). The shipped models are "
+                    f"{DEFAULT_WORLD_MODEL} and {LONG_WORLD_MODEL} (vidaccel's package data, assets/ in the "
+                    "repository); pass the folder of another one; demos/train_world_model.py trains one"
                 )
             transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
             metadata = json.loads((folder / "world_model.json").read_text())

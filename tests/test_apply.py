@@ -56,6 +56,71 @@ def test_remove_restores_stock_processors_bit_identically():
     assert torch.equal(run(pipe), stock)
 
 
+def test_remove_after_plain_set_attn_processor_restores_stock_processors():
+    pipe = tiny_pipe()
+    modules = _attention_modules(pipe.transformer)
+    stock_types = [type(m.processor) for m in modules]
+    assert all(cls is type(m)._default_processor_cls for cls, m in zip(stock_types, modules, strict=True))
+    stock = run(pipe)
+
+    pipe.transformer.set_attn_processor(DenseProcessor())  # nothing saved: apply was never called
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "installed without vidaccel.apply" warning
+        run(pipe)
+    vidaccel.remove(pipe)
+
+    assert [type(m.processor) for m in modules] == stock_types
+    assert len({id(m.processor) for m in modules}) == len(modules)  # one stock processor per module
+    assert not any(isinstance(m.processor, AccelProcessor) for m in modules)
+    assert torch.equal(run(pipe), stock)
+    vidaccel.remove(pipe)  # removing twice is harmless
+    assert [type(m.processor) for m in modules] == stock_types
+    assert torch.equal(run(pipe), stock)
+
+
+def test_remove_after_plain_set_attn_processor_keeps_backend_and_parallel_config():
+    pipe = tiny_pipe()
+    pipe.transformer.set_attn_processor(DenseProcessor())
+    pipe.transformer.set_attention_backend("native")
+    modules = _attention_modules(pipe.transformer)
+    backends = {m.processor._attention_backend for m in modules}
+    assert len(backends) == 1 and None not in backends  # diffusers set it on our processor
+    parallel = _context_parallel()
+    modules[0].processor._parallel_config = parallel  # as enable_parallelism would
+
+    vidaccel.remove(pipe)
+
+    assert not any(isinstance(m.processor, AccelProcessor) for m in modules)
+    assert {m.processor._attention_backend for m in modules} == backends
+    assert all(m.processor._parallel_config is parallel for m in modules)  # one shared processor had it
+
+
+def test_remove_after_apply_then_plain_set_attn_processor_leaves_no_vidaccel_processor():
+    pipe = tiny_pipe()
+    modules = _attention_modules(pipe.transformer)
+    stock_processors = [m.processor for m in modules]
+    stock = run(pipe)
+    vidaccel.apply(pipe)
+    pipe.transformer.set_attn_processor(DenseProcessor())
+    vidaccel.remove(pipe)
+    assert all(a is b for a, b in zip((m.processor for m in modules), stock_processors, strict=True))
+    assert torch.equal(run(pipe), stock)
+
+
+def test_remove_on_a_never_patched_model_is_a_no_op():
+    pipe = tiny_pipe()
+    modules = _attention_modules(pipe.transformer)
+    stock_processors = [m.processor for m in modules]
+    stock = run(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vidaccel.remove(pipe)
+        vidaccel.remove(pipe.transformer)
+    assert all(a is b for a, b in zip((m.processor for m in modules), stock_processors, strict=True))
+    assert context_of(pipe.transformer) is None
+    assert torch.equal(run(pipe), stock)
+
+
 def test_wan22_pipeline_patches_both_experts():
     base = tiny_pipe()
     expert_2 = tiny_pipe(seed=1).transformer
@@ -104,7 +169,9 @@ def test_set_attn_processor_without_apply_warns_once_and_serves():
 
 
 def test_unsupported_models_are_refused_with_the_supported_list():
-    with pytest.raises(ValueError, match="does not support Linear; supported transformer classes: WanTransformer3DModel"):
+    with pytest.raises(
+        ValueError, match="does not support Linear; supported transformer classes: WanTransformer3DModel"
+    ):
         vidaccel.apply(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="pipe_or_transformer must be a diffusers pipeline"):
         vidaccel.apply(object())
@@ -125,7 +192,9 @@ def test_context_parallel_is_refused_at_apply():
     pipe = tiny_pipe()
     before = [m.processor for m in _attention_modules(pipe.transformer)]
     pipe.transformer._parallel_config = _context_parallel()
-    with pytest.raises(NotImplementedError, match="WanTransformer3DModel is configured for diffusers context parallelism"):
+    with pytest.raises(
+        NotImplementedError, match="WanTransformer3DModel is configured for diffusers context parallelism"
+    ):
         vidaccel.apply(pipe)
     assert [m.processor for m in _attention_modules(pipe.transformer)] == before
     assert context_of(pipe.transformer) is None
@@ -135,7 +204,9 @@ def test_context_parallel_is_refused_at_the_first_call():
     pipe = tiny_pipe()
     (processor,) = vidaccel.apply(pipe)
     processor._parallel_config = _context_parallel()  # what enable_parallelism does after apply
-    with pytest.raises(NotImplementedError, match="vidaccel processor is configured for diffusers context parallelism"):
+    with pytest.raises(
+        NotImplementedError, match="vidaccel processor is configured for diffusers context parallelism"
+    ):
         run(pipe, steps=1)
 
 

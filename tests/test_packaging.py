@@ -1,6 +1,7 @@
 """Packaging: kernels/ and pipelines/ ship as vidaccel.kernels and vidaccel.pipelines, never as
-top-level packages (diffusers imports an unrelated PyPI package named ``kernels``), both from a
-built wheel and from the editable install."""
+top-level packages (transformers imports an unrelated PyPI package named ``kernels``), both from a
+built wheel and from the editable install; from the repository root ``kernels`` is the PyPI package;
+a wheel in a fresh venv carries the shipped world models and runs the rollout demo."""
 
 import importlib.metadata
 import json
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -76,6 +78,149 @@ def test_wheel_ships_subpackages_only_under_vidaccel(wheel):
     assert not unexpected, f"{wheel.name} installs top-level entries besides vidaccel: {sorted(unexpected)}"
 
 
+_SHADOW_PROBE = """
+import json, sys
+import transformers, diffusers.loaders.peft, vidaccel, vidaccel.kernels
+import kernels
+print(json.dumps({"kernels": kernels.__file__, "vidaccel.kernels": vidaccel.kernels.__file__,
+                  "has_plan": hasattr(vidaccel.kernels, "plan_blocks")}))
+"""
+
+
+def test_repository_root_does_not_shadow_the_pypi_kernels_package():
+    # What `python -m pytest` and `python` opened in the checkout do: the root is on sys.path, as ''
+    # (the working directory) and as an explicit entry.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-c", _SHADOW_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"imports failed from the repository root:\n{result.stderr[-3000:]}"
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not Path(found["kernels"]).resolve().is_relative_to(REPO / "kernels"), (
+        f"`import kernels` resolves into this repository ({found['kernels']}); it must be the PyPI package"
+    )
+    assert Path(found["vidaccel.kernels"]).resolve() == (
+        Path(vidaccel.__file__).resolve().parents[1] / "kernels" / "__init__.py"
+        if Path(vidaccel.__file__).resolve().is_relative_to(REPO)
+        else Path(found["vidaccel.kernels"]).resolve()
+    )
+    assert found["has_plan"]
+
+
+def test_kernels_without_the_pypi_package_is_a_clear_error():
+    # -S: no site-packages, so no PyPI `kernels`; the repository root is the working directory.
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", "import kernels"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError") and "vidaccel.kernels" in last, result.stderr[-2000:]
+
+
+_WHEEL_ASSETS = (
+    "level_frame_ranges.json",
+    *(
+        f"{model}/{name}"
+        for model in ("world_model", "world_model_long")
+        for name in ("config.json", "diffusion_pytorch_model.safetensors", "world_model.json")
+    ),
+)
+
+
+def test_wheel_ships_the_world_models_as_package_data(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = [name for name in _WHEEL_ASSETS if f"vidaccel/assets/{name}" not in names]
+    assert not missing, f"{wheel.name} lacks vidaccel/assets/ {missing}"
+    shipped = {n.removeprefix("vidaccel/assets/") for n in names if n.startswith("vidaccel/assets/")}
+    assert shipped == set(_WHEEL_ASSETS), (
+        f"unexpected assets in the wheel: {sorted(shipped - set(_WHEEL_ASSETS))}"
+    )
+
+
+_LOAD_PROBE = """
+import json, sys
+from pathlib import Path
+import vidaccel
+from vidaccel.pipelines import LONG_WORLD_MODEL, WorldModelPipeline
+shipped = WorldModelPipeline.from_pretrained_world_model(device="cpu")
+long = WorldModelPipeline.from_pretrained_world_model(LONG_WORLD_MODEL, device="cpu")
+print(json.dumps({"vidaccel": vidaccel.__file__, "long": str(LONG_WORLD_MODEL),
+                  "shift": [shipped.metadata["shift"], long.metadata["shift"]],
+                  "parameters": sum(p.numel() for p in long.transformer.parameters())}))
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(wheel, tmp_path_factory):
+    """A fresh venv holding vidaccel only as the built wheel. Its dependencies are this environment's
+    site-packages, added by a .pth path entry (whose own .pth files, the editable install's finder
+    among them, are not processed), so that the test needs no download."""
+    venv = tmp_path_factory.mktemp("wheel_venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(site) / "vidaccel_test_dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
+    return python, Path(site)
+
+
+def _venv_env():
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
+def test_wheel_in_a_fresh_venv_loads_every_shipped_world_model(wheel_venv, tmp_path):
+    python, site = wheel_venv
+    result = subprocess.run(
+        [str(python), "-c", _LOAD_PROBE],
+        cwd=tmp_path,
+        env=_venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(found["vidaccel"]).resolve().is_relative_to(site.resolve()), found["vidaccel"]
+    assert Path(found["long"]).resolve().is_relative_to(site.resolve()), found["long"]
+    assert found["shift"] == [
+        json.loads((REPO / "assets" / m / "world_model.json").read_text())["shift"]
+        for m in ("world_model", "world_model_long")
+    ]
+    assert found["parameters"] > 1_000_000
+
+
+def test_rollout_demo_runs_from_outside_the_repository_on_the_wheel(wheel_venv, tmp_path):
+    python, site = wheel_venv
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(python), str(REPO / "demos" / "world_model_rollout.py"), "--frames", "2", "--out", str(out)],
+        cwd=tmp_path,
+        env=_venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    # The default model is the wheel's copy of the best shipped model, and every method ran 2 frames.
+    assert Path(report["model"]["path"]).resolve().is_relative_to(site.resolve()), report["model"]["path"]
+    assert Path(report["model"]["path"]).name == "world_model_long"
+    assert report["settings"]["frames"] == 2 and report["methods"]
+    assert (out / report["files"]["video"]).is_file()
+
+
 def test_installed_wheel_imports_subpackages_from_itself(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -97,7 +242,7 @@ def test_editable_install_maps_subpackages_to_repo_folders(tmp_path):
     found = _probe(["vidaccel.kernels", "vidaccel.pipelines"], cwd=tmp_path)
     for sub in _SUBPACKAGES:
         assert Path(found[f"vidaccel.{sub}"]).resolve() == REPO / sub / "__init__.py"
-    _assert_no_top_level_kernels_from(found, REPO)
+    _assert_no_top_level_kernels_from(found, REPO / "kernels")
 
 
 def _probe(names, cwd, pythonpath=None):

@@ -58,7 +58,9 @@ def test_rollout_writes_video_plots_and_report(demo_run, rollout):
     # The embedded CPU default methods (what `make demo` runs), FlashBlock where this vidaccel has it.
     assert list(report["methods"]) == [m for m in rollout.CPU_DEFAULTS["methods"] if m in rollout.METHODS]
     assert report["settings"]["frames"] == FRAMES and report["settings"]["context"] == CONTEXT
-    shipped = json.loads((ROOT / "assets" / "world_model" / "world_model.json").read_text())
+    # The demo's default model is the best one shipped (assets/world_model_long), with its sampler.
+    assert Path(report["model"]["path"]) == ROOT / "assets" / "world_model_long" == rollout.BEST_WORLD_MODEL
+    shipped = json.loads((ROOT / "assets" / "world_model_long" / "world_model.json").read_text())
     assert report["settings"]["sampler"] == {k: shipped[k] for k in ("denoising_timesteps", "shift")} | {
         "eta": shipped.get("eta", 1.0)
     }
@@ -164,11 +166,12 @@ def test_rollout_rejects_bad_arguments(rollout, argv, message, capsys, tmp_path)
 def test_rollout_shift(demo_run, tmp_path):
     """``--shift`` reaches the sampler: the report records it, and the same rollout (world, seed,
     actions) with the sigmas warped otherwise predicts other frames."""
+    own = demo_run[1]["settings"]["sampler"]["shift"]  # the default model's (1.25 for the long model)
+    other = 1.0 if own != 1.0 else 1.25
     argv = ["--frames", str(FRAMES), "--context", str(CONTEXT), "--seed", "5", "--methods", "dense"]
-    _run("demos/world_model_rollout.py", *argv, "--shift", "1.25", "--out", str(tmp_path))
+    _run("demos/world_model_rollout.py", *argv, "--shift", str(other), "--out", str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["settings"]["sampler"]["shift"] == 1.25
-    assert demo_run[1]["settings"]["sampler"]["shift"] != 1.25
+    assert report["settings"]["sampler"]["shift"] == other
     shifted = report["methods"]["dense"]["vs_truth"]["per_frame_psnr"]
     assert shifted != demo_run[1]["methods"]["dense"]["vs_truth"]["per_frame_psnr"]
     assert all(math.isfinite(v) for v in shifted)

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -60,21 +61,54 @@ def apply(pipe_or_transformer, *configs: MethodConfig, backend: str = "auto") ->
     return processors
 
 
+# Attributes diffusers sets on a processor instance (``set_attention_backend``, ``enable_parallelism``)
+# that the stock processor replacing a vidaccel one keeps.
+_CARRIED_ATTRIBUTES = ("_attention_backend", "_parallel_config")
+
+
 def remove(pipe_or_transformer) -> None:
-    """Undo :func:`apply`: restore the processors from before the first ``apply``, remove the step
-    context hook and release its state. A stock model run afterwards is bit-identical to one never
-    patched. A model that was not patched is left as it is. vidaccel's own pipelines (those with a
-    ``set_default_attn_processor()`` method, e.g. ``CausalWanPipeline``) return to their default,
-    ``DenseProcessor`` with the step context."""
+    """Undo :func:`apply` or a plain ``set_attn_processor`` of vidaccel processors.
+
+    Restores the processors from before the first ``apply``; every attention module that still holds
+    a vidaccel processor afterwards (installed with ``transformer.set_attn_processor(...)``, so nothing
+    was saved) gets diffusers' stock processor of its class, carrying over the ``_attention_backend``
+    and ``_parallel_config`` the replaced processor had. Then removes the step context hook and
+    releases its state. A stock model run afterwards is bit-identical to one never patched. A model
+    that was never patched is left as it is; removing twice is harmless. vidaccel's own pipelines
+    (those with a ``set_default_attn_processor()`` method, e.g. ``CausalWanPipeline``) return to their
+    default, ``DenseProcessor`` with the step context."""
     for transformer in _transformers(pipe_or_transformer):
         saved = _SAVED.pop(transformer, None)
         if saved is not None:
             transformer.set_attn_processor(dict(saved))
+        _restore_stock_processors(transformer)
         detach_context(transformer)
     if not isinstance(pipe_or_transformer, torch.nn.Module) and hasattr(
         pipe_or_transformer, "set_default_attn_processor"
     ):
         pipe_or_transformer.set_default_attn_processor()
+
+
+def _restore_stock_processors(transformer: torch.nn.Module) -> None:
+    """Give each attention module holding a vidaccel processor a fresh stock processor of its class."""
+    for name, module in transformer.named_modules():
+        processor = getattr(module, "processor", None)
+        if not isinstance(processor, AccelProcessor):
+            continue
+        default_cls = getattr(type(module), "_default_processor_cls", None)
+        if default_cls is None:
+            warnings.warn(
+                f"vidaccel.remove: {name} ({type(module).__name__}) names no stock processor class "
+                "(_default_processor_cls); its vidaccel processor stays installed",
+                stacklevel=3,
+            )
+            continue
+        stock = default_cls()
+        for attribute in _CARRIED_ATTRIBUTES:
+            value = getattr(processor, attribute, None)
+            if value is not None:
+                setattr(stock, attribute, value)
+        module.set_processor(stock)
 
 
 def _transformers(pipe_or_transformer) -> list[torch.nn.Module]:
