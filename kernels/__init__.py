@@ -9,7 +9,10 @@ This folder is reachable only as ``vidaccel.kernels``. The top-level name ``kern
 PyPI package of that name (transformers requires it), and ``python`` started in the repository root
 puts this folder on ``sys.path`` as ``kernels``: imported under that name, this file hands the name
 over to the installed package (found on ``sys.path`` without the repository root) before anything
-of ours runs, and raises ``ModuleNotFoundError`` when that package is not installed.
+of ours runs. Where that package is not installed, ``kernels`` becomes an empty placeholder that
+looks like no package to dependency probes (no ``__file__``, no ``__version__``: transformers and
+diffusers then treat ``kernels`` as absent) and raises ``ModuleNotFoundError`` naming the problem on
+any other attribute (``from kernels import get_kernel``).
 """
 
 if __name__ != "vidaccel.kernels":
@@ -28,20 +31,28 @@ if __name__ != "vidaccel.kernels":
 
     _spec = _machinery.PathFinder.find_spec(__name__, [p for p in _sys.path if _outside_repo(p)])
     if _spec is None or _spec.loader is None:
-        del _sys.modules[__name__]
-        raise ModuleNotFoundError(
-            f"No module named {__name__!r} outside the vidaccel repository ({_root}): this folder is "
-            "vidaccel's kernels, importable only as 'vidaccel.kernels'; 'kernels' is the PyPI package "
-            "(pip install kernels)",
-            name=__name__,
+        _message = (
+            f"the PyPI package 'kernels' is not installed (pip install kernels); the folder {_root}/kernels "
+            "is vidaccel's attention kernels, importable only as 'vidaccel.kernels'"
         )
-    _module = _util.module_from_spec(_spec)
-    _sys.modules[__name__] = _module
-    try:
-        _spec.loader.exec_module(_module)
-    except BaseException:
-        _sys.modules.pop(__name__, None)
-        raise
+
+        def __getattr__(name):
+            if name.startswith("__") and name.endswith("__"):
+                raise AttributeError(name)
+            raise ModuleNotFoundError(f"kernels.{name}: {_message}", name=__name__)
+
+        __file__ = None
+        __path__ = []
+        for _name in ("_machinery", "_util", "_os", "_sys", "_root", "_outside_repo", "_spec"):
+            globals().pop(_name, None)
+    else:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module
+        try:
+            _spec.loader.exec_module(_module)
+        except BaseException:
+            _sys.modules.pop(__name__, None)
+            raise
 else:
     from .plan import BlockPlan, plan_blocks
     from .reference import attention_reference, merge_attention_reference
