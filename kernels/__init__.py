@@ -43,8 +43,6 @@ if __name__ != "vidaccel.kernels":
 
         __file__ = None
         __path__ = []
-        for _name in ("_machinery", "_util", "_os", "_sys", "_root", "_outside_repo", "_spec"):
-            globals().pop(_name, None)
     else:
         _module = _util.module_from_spec(_spec)
         _sys.modules[__name__] = _module

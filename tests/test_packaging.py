@@ -201,22 +201,20 @@ def wheel_venv(wheel, tmp_path_factory):
     return python, Path(site)
 
 
-def _venv_env():
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+def _run_in_venv(python, *args, cwd):
+    """``python *args`` in ``cwd`` without this environment's PYTHONPATH; asserts it succeeded."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run(
+        [str(python), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def test_wheel_in_a_fresh_venv_loads_every_shipped_world_model(wheel_venv, tmp_path):
     python, site = wheel_venv
-    result = subprocess.run(
-        [str(python), "-c", _LOAD_PROBE],
-        cwd=tmp_path,
-        env=_venv_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    printed = _run_in_venv(python, "-c", _LOAD_PROBE, cwd=tmp_path)
+    found = json.loads(printed.strip().splitlines()[-1])
     assert Path(found["vidaccel"]).resolve().is_relative_to(site.resolve()), found["vidaccel"]
     assert Path(found["long"]).resolve().is_relative_to(site.resolve()), found["long"]
     assert found["shift"] == [
@@ -229,15 +227,9 @@ def test_wheel_in_a_fresh_venv_loads_every_shipped_world_model(wheel_venv, tmp_p
 def test_rollout_demo_runs_from_outside_the_repository_on_the_wheel(wheel_venv, tmp_path):
     python, site = wheel_venv
     out = tmp_path / "out"
-    result = subprocess.run(
-        [str(python), str(REPO / "demos" / "world_model_rollout.py"), "--frames", "2", "--out", str(out)],
-        cwd=tmp_path,
-        env=_venv_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
+    _run_in_venv(
+        python, REPO / "demos" / "world_model_rollout.py", "--frames", "2", "--out", out, cwd=tmp_path
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     # The default model is the wheel's copy of the best shipped model, and every method ran 2 frames.
     assert Path(report["model"]["path"]).resolve().is_relative_to(site.resolve()), report["model"]["path"]
