@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,17 +29,9 @@ os.environ.setdefault("TRITON_INTERPRET", "0")  # CPU: the PyTorch references, n
 
 from vidaccel import FlashBlockConfig  # noqa: E402
 from vidaccel.metrics import psnr  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from bench_attention import bench_parser, environment, parse_bench_args, write_report  # noqa: E402
-from world_model_rollout import (  # noqa: E402
-    add_model_arguments,
-    add_world_arguments,
-    load_world_model,
-    run_method,
-    world_batch,
-)
+from vidaccel.pipelines.bench import bench_parser, environment, parse_bench_args, write_report_and_table  # noqa: E402
+from vidaccel.pipelines.cli import add_model_arguments, add_world_arguments, load_world_model  # noqa: E402
+from vidaccel.pipelines.runs import run_method, world_batch  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "flashblock_schedule.json"
 SCHEDULES = {
@@ -62,6 +53,26 @@ def main(argv=None) -> dict:
     pipe = load_world_model(args)
     context = int(pipe.metadata["context_frames"])
     started = time.perf_counter()
+    rows = _rollouts(pipe, seeds, frames, context)
+    summary = _summary(rows)
+    report = {
+        **environment(args.device, args.quick, pipe.transformer.dtype),
+        "settings": {
+            "frames": frames,
+            "seeds": seeds,
+            "context": context,
+            "sampler": pipe.metadata["denoising_timesteps"],
+        },
+        "seconds": time.perf_counter() - started,
+        "summary": summary,
+        "per_seed": rows,
+    }
+    write_report_and_table(args.out, report, format_table(report))
+    return report
+
+
+def _rollouts(pipe, seeds: list[int], frames: int, context: int) -> dict:
+    """Dense and every schedule on each world (its own action walk): ``{name: [per-world row]}``."""
     rows = {name: [] for name in ("dense", *SCHEDULES)}
     for seed in seeds:
         context_actions, actions, truth, true_pred = world_batch([seed], context, frames, seed)
@@ -81,6 +92,11 @@ def main(argv=None) -> dict:
                 }
             )
             print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
+    return rows
+
+
+def _summary(rows: dict) -> list[dict]:
+    """Per schedule: mean PSNR against the truth, its change against dense per world, PSNR against dense."""
     summary = []
     for name, per_seed in rows.items():
         dense = rows["dense"]
@@ -95,23 +111,7 @@ def main(argv=None) -> dict:
                 "psnr_vs_dense": None if name == "dense" else [r["psnr_vs_dense"] for r in per_seed],
             }
         )
-    report = {
-        **environment(args.device, args.quick, pipe.transformer.dtype),
-        "settings": {
-            "frames": frames,
-            "seeds": seeds,
-            "context": context,
-            "sampler": pipe.metadata["denoising_timesteps"],
-        },
-        "seconds": time.perf_counter() - started,
-        "summary": summary,
-        "per_seed": rows,
-    }
-    write_report(args.out, report)
-    table = format_table(report)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    return report
+    return summary
 
 
 def format_table(report: dict) -> str:

@@ -50,17 +50,12 @@ Writes ``benchmarks/results/rollout.json`` and ``rollout.png`` (``--out``; the f
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import gc
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -68,26 +63,31 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
-import triton.testing  # noqa: E402
-from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel  # noqa: E402
 
-import vidaccel  # noqa: E402
-from vidaccel import AccelProcessor, AttentionCall, FlashBlockConfig, StepContext, TempCacheConfig, ops  # noqa: E402
-from vidaccel.cache import DenseKVCache, RollingKVCache, TempCacheKV  # noqa: E402
-from vidaccel.metrics import psnr, relative_error, ssim  # noqa: E402
-from vidaccel.pipelines import CausalWanPipeline  # noqa: E402
-from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG as WAN_13B  # noqa: E402
-from vidaccel.pipelines.tiny import cast_keeping_fp32_modules  # noqa: E402  (as from_pretrained casts)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import (  # noqa: E402
+from vidaccel import FlashBlockConfig, TempCacheConfig  # noqa: E402
+from vidaccel.pipelines.bench import (  # noqa: E402
     align,
     bench_device,
     bench_parser,
+    fmt,
     parse_bench_args,
     results_path,
     write_report,
 )
+from vidaccel.pipelines.bench_caches import (  # noqa: E402
+    CHUNK_FRAMES,
+    FB_METHODS,
+    FB_REPEATS,
+    QUERY_MODELS,
+    STEPS,
+    WORLD_FRAMES,
+    flashblock_layer_section,
+    layer_section,
+    pipeline_section,
+    world_model_fidelity,
+)
+from vidaccel.pipelines.media import plot_points  # noqa: E402
+from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG as WAN_13B  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rollout.json"
 FLASHBLOCK_OUT_NAME = (
@@ -99,13 +99,34 @@ FULL = dict(
 )
 QUICK_GPU = dict(model=TINY, grid_hw=(6, 8), layer_frames=(6, 12, 24), max_frames=24, window=6, text_len=16)
 QUICK_CPU = dict(model=TINY, grid_hw=(4, 6), layer_frames=(6, 12), max_frames=12, window=6, text_len=16)
-CHUNK_FRAMES = 3
-STEPS = (1000, 750, 500, 250)
 METHODS = ("dense", "window", "tempcache")
-MIN_REPEATS = 5
 
 
 def main(argv=None) -> dict:
+    parser = _parser()
+    args = parse_bench_args(parser, argv)
+
+    device, dtype = bench_device(parser, args)
+    cuda = device.type == "cuda"
+    spec = dict(FULL if not args.quick else QUICK_GPU if cuda else QUICK_CPU)
+    if args.max_frames is not None:
+        spec["max_frames"] = args.max_frames
+        spec["layer_frames"] = tuple(f for f in spec["layer_frames"] if f < args.max_frames) + (
+            args.max_frames,
+        )
+    sections = set(args.sections.split(","))
+    torch.manual_seed(args.seed)
+
+    report = _common_report(args, spec, device, dtype)
+    if sections & {"layer", "pipeline"}:
+        rollout_report(report, args, sections, spec, device, dtype)
+    if "flashblock" in sections:
+        return flashblock_report(report, args, spec, device, dtype)
+    return report
+
+
+def _parser():
+    """The benchmark options and this benchmark's own."""
     parser = bench_parser(__doc__, DEFAULT_OUT)
     parser.add_argument(
         "--max-frames", type=int, default=None, help="latent frames of the longest cache (default 240)"
@@ -140,20 +161,13 @@ def main(argv=None) -> dict:
         default=6,
         help="flashblock: transformer layers of the end-to-end rollout",
     )
-    args = parse_bench_args(parser, argv)
+    return parser
 
-    device, dtype = bench_device(parser, args)
+
+def _common_report(args, spec: dict, device, dtype) -> dict:
+    """The fields both reports start with: date, device, versions, timer, the shapes and settings."""
     cuda = device.type == "cuda"
-    spec = dict(FULL if not args.quick else QUICK_GPU if cuda else QUICK_CPU)
-    if args.max_frames is not None:
-        spec["max_frames"] = args.max_frames
-        spec["layer_frames"] = tuple(f for f in spec["layer_frames"] if f < args.max_frames) + (
-            args.max_frames,
-        )
-    sections = set(args.sections.split(","))
-    torch.manual_seed(args.seed)
-
-    report = {
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter smoke run)",
         "torch": torch.__version__,
@@ -177,11 +191,6 @@ def main(argv=None) -> dict:
         "tempcache": vars(TempCacheConfig()) | {"note": "default config"},
         "synthetic_noise": args.noise,
     }
-    if sections & {"layer", "pipeline"}:
-        rollout_report(report, args, sections, spec, device, dtype)
-    if "flashblock" in sections:
-        return flashblock_report(report, args, spec, device, dtype)
-    return report
 
 
 def rollout_report(report, args, sections, spec, device, dtype) -> None:
@@ -202,178 +211,8 @@ def rollout_report(report, args, sections, spec, device, dtype) -> None:
     print(f"wrote {args.out} and {png}")
 
 
-# ------------------------------------------------------------------------------------- layer level
-
-
-def layer_section(spec, device, dtype, noise) -> list[dict]:
-    heads, dim = spec["model"]["num_attention_heads"], spec["model"]["attention_head_dim"]
-    rows_hw = spec["grid_hw"]
-    per_frame = rows_hw[0] * rows_hw[1]
-    seq = CHUNK_FRAMES * per_frame
-    q, own_k, own_v = (torch.randn(1, seq, heads, dim, device=device, dtype=dtype) for _ in range(3))
-    stream = RedundantStream(rows_hw, heads, dim, noise, device, dtype)
-    caches = {
-        "dense": DenseKVCache(capacity_tokens=spec["max_frames"] * per_frame),
-        "window": RollingKVCache(spec["window"]),
-        "tempcache": TempCacheKV(TempCacheConfig()),
-        "tempcache_prev_frame": TempCacheKV(TempCacheConfig(scope="previous_frame")),
-    }
-    for cache in caches.values():
-        if isinstance(cache, TempCacheKV):
-            cache.observe_grid((CHUNK_FRAMES, *rows_hw))
-    commit_ms = {name: [] for name in caches}
-    rows, done = [], 0
-    for target in spec["layer_frames"]:
-        while done < target:
-            frames = min(CHUNK_FRAMES, target - done)
-            k, v = stream.next(frames)
-            frame_index = torch.arange(done, done + frames, device=device).repeat_interleave(per_frame)
-            for name, cache in caches.items():
-                commit = lambda c=cache, k=k, v=v, fi=frame_index: c.commit(k, v, k_pre=k, frame_index=fi)  # noqa: E731
-                ms = _wall_ms(commit, device)
-                commit_ms[name].append(ms / frames)  # per frame: chunks at a target's edge may be short
-            done += frames
-        dense_out = None
-        for name, cache in caches.items():
-            k_all, v_all, bias = cache.extend(own_k, own_v)
-            call = lambda k_all=k_all, v_all=v_all, bias=bias: ops.attention(q, k_all, v_all, key_bias=bias)  # noqa: E731
-            out, attn_ms = _bench(call, device)
-            _, extend_ms = _bench(lambda c=cache: c.extend(own_k, own_v), device)
-            dense_out = out if name == "dense" else dense_out
-            stats = cache.stats()
-            rows.append(
-                dict(
-                    section="layer", method=name, provider="vidaccel_triton" if device.type == "cuda" else "reference",
-                    cache_frames=target, cache_tokens=k_all.shape[1] - seq, attention_ms=attn_ms, extend_ms=extend_ms,
-                    layer_call_ms=attn_ms + extend_ms, commit_ms_per_chunk=statistics.median(commit_ms[name][-5:]) * CHUNK_FRAMES,
-                    cache_mib=cache.nbytes / 2**20, merge_rate=stats.get("merge_rate"),
-                    rel_err_vs_dense=relative_error(out.float(), dense_out.float()),
-                )
-            )  # fmt: skip
-            if name == "dense":
-                rows.append(
-                    dict(rows[-1], provider="sdpa_flash", **_sdpa_row(q, k_all, v_all, dense_out, device))
-                )
-        _release(device)
-    del caches
-    _release(device)
-    return rows
-
-
-class RedundantStream:
-    """Synthetic keys/values of controlled redundancy: a camera panning over a fixed cyclic "world"
-    (frame ``t`` is the world rolled by ``t`` token columns) plus fresh relative noise ``noise`` per
-    frame, renormalised to unit variance. Consecutive frames share all content one column apart
-    (cosine ≈ 1 / (1 + noise²), 0.99 at 0.1), except the column that wraps around from the right
-    border to the left, which a local search cannot find: about one new column per frame."""
-
-    def __init__(self, grid_hw, heads, dim, noise, device, dtype):
-        self.noise, self.dtype, self.frame = noise, dtype, 0
-        self.world = torch.randn(2, 1, *grid_hw, heads, dim, device=device)  # keys and values
-
-    def peek(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next ``frames`` frames, without advancing the stream."""
-        start = self.frame
-        try:
-            return self.next(frames)
-        finally:
-            self.frame = start
-
-    def next(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        out = []
-        for _ in range(frames):
-            frame = torch.roll(self.world, shifts=self.frame, dims=3)
-            out.append(
-                ((frame + self.noise * torch.randn_like(frame)) / (1 + self.noise**2) ** 0.5).flatten(2, 3)
-            )
-            self.frame += 1
-        k, v = torch.cat(out, 2).to(self.dtype)  # [1, frames * H * W, heads, dim] each
-        return k, v
-
-
-def _sdpa_row(q, k, v, dense_out, device) -> dict:
-    """The dense layer call on SDPA (flash on CUDA), the protocol's peer, with its error vs our kernel."""
-    q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    try:
-        with torch.nn.attention.sdpa_kernel(
-            torch.nn.attention.SDPBackend.FLASH_ATTENTION
-            if device.type == "cuda"
-            else torch.nn.attention.SDPBackend.MATH
-        ):
-            out, ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t), device)
-    except RuntimeError as exc:  # a peer that cannot run here is reported, not fatal
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    rel_err = relative_error(out.transpose(1, 2).float(), dense_out.float())
-    return {
-        "attention_ms": ms,
-        "layer_call_ms": ms,
-        "extend_ms": None,
-        "commit_ms_per_chunk": None,
-        "rel_err_vs_dense": rel_err,
-    }
-
-
-# ------------------------------------------------------------------------------------- pipeline level
-
-
-def pipeline_section(spec, device, dtype, methods=None, num_layers=None) -> list[dict]:
-    """Per-chunk latency and peak memory of a random-weight rollout to ``spec["max_frames"]`` (+2 chunks)
-    for each of ``methods`` (name -> configs applied with ``vidaccel.apply``; "window" runs the rolling
-    window), default :data:`METHODS`; ``num_layers`` overrides the model's."""
-    methods = methods or {"dense": (), "window": (), "tempcache": (TempCacheConfig(),)}
-    model = dict(spec["model"], num_layers=num_layers or spec["model"]["num_layers"])
-    with torch.device(device):
-        transformer = cast_keeping_fp32_modules(WanTransformer3DModel(**model), dtype).eval()
-    pipe = CausalWanPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=5.0))
-    pipe.set_progress_bar_config(disable=True)
-    embeds = torch.randn(1, spec["text_len"], spec["model"]["text_dim"], device=device, dtype=dtype)
-    rows_hw = spec["grid_hw"]
-    patch = spec["model"]["patch_size"]
-    frames = spec["max_frames"] + 2 * CHUNK_FRAMES
-    rows = []
-    for method, configs in methods.items():
-        if configs:
-            vidaccel.apply(pipe, *configs)
-        else:
-            vidaccel.remove(pipe)
-        stream = pipe.stream(
-            prompt_embeds=embeds, height=rows_hw[0] * patch[1], width=rows_hw[1] * patch[2], num_frames=frames,
-            chunk_frames=CHUNK_FRAMES, denoising_timesteps=STEPS, output_type="latent",
-            max_cache_frames=spec["window"] if method == "window" else None,
-            generator=torch.Generator(device).manual_seed(0),
-        )  # fmt: skip
-        for chunk in range(frames // CHUNK_FRAMES):
-            _reset_peak(device)
-            start = time.perf_counter()
-            next(stream)
-            _sync(device)
-            ms = (time.perf_counter() - start) * 1e3
-            stats = pipe.kv_cache_stats()
-            rows.append(
-                dict(
-                    section="pipeline", method=method, chunk=chunk, cache_frames=chunk * CHUNK_FRAMES, chunk_ms=ms,
-                    peak_mib=_peak(device) / 2**20, cache_mib=stats.get("nbytes", 0) / 2**20,
-                    cache_tokens_layer0=stats.get("first_layer", {}).get("tokens"),
-                    merge_rate=stats.get("first_layer", {}).get("merge_rate"),
-                )
-            )  # fmt: skip
-        stream.close()
-        _release(device)
-    vidaccel.remove(pipe)
-    return rows
-
-
 # ------------------------------------------------------------------------------------- FlashBlock
 
-FB_METHODS = {  # name: (which cache, which configs)
-    "dense": ("dense", ()),
-    "flashblock": ("dense", ("flashblock",)),
-    "tempcache": ("tempcache", ("tempcache",)),
-    "flashblock_tempcache": ("tempcache", ("flashblock", "tempcache")),
-}
-QUERY_MODELS = ("random", "tracking")
-FB_REPEATS = 7
-WORLD_FRAMES = 48  # predicted frames of the world-model fidelity run
 FB_EXPECTATION = (
     "written before measuring (for refresh steps 0 and 2; the default now refreshes at 0 and 3, the same count): "
     "the cache part is computed at 2 of the 4 steps instead of 4; "
@@ -385,7 +224,7 @@ FB_EXPECTATION = (
 
 
 def flashblock_report(common, args, spec, device, dtype) -> dict:
-    """FlashBlock (issue 7): layer-level attention time and fidelity over a chunk's denoising steps, and
+    """FlashBlock: layer-level attention time and fidelity over a chunk's denoising steps, and
     end-to-end chunk latency; its own JSON + PNG beside ``args.out``, table printed last."""
     overrides = {"refresh_every": args.refresh_every}
     if args.refresh_last is not None:
@@ -436,219 +275,13 @@ def flashblock_report(common, args, spec, device, dtype) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     png = out.with_suffix(".png")
-    draw_panels(flashblock_panels(report), png)
+    plot_points(flashblock_panels(report), png)
     print(
         f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']} | {report['timer']}"
     )
     print(format_flashblock_table(report))
     print(f"wrote {out} and {png}")
     return report
-
-
-@dataclasses.dataclass
-class _Chunk:
-    """The part of ``CausalWanPipeline``'s ``RolloutState`` FlashBlock reads: steps per chunk."""
-
-    steps_per_chunk: int | None
-
-
-class ChunkRunner:
-    """One self-attention layer as the rollout stage runs it (``cache.extend`` + the processor's chain,
-    context phase ``"denoise"`` with ``chunk_step`` 0, 1, ... then ``"commit"``), without committing,
-    so a chunk can be replayed against a fixed cache."""
-
-    def __init__(self, cache, configs, grid):
-        self.cache, self.processor = cache, AccelProcessor(*configs)
-        self.attn = torch.nn.Linear(1, 1)  # the key of the per-layer state
-        self.context = StepContext()
-        self.context.grid, self.context.chunk_index = grid, 1
-        self.context.pipeline_state["rollout"] = _Chunk(None)
-        self.context.module_state(self.attn)["kv_cache"] = cache  # where TempCache finds its cache
-
-    def call(self, q, k, v) -> torch.Tensor:
-        k_all, v_all, bias = self.cache.extend(k, v)
-        call = AttentionCall(
-            self.attn,
-            "self",
-            q,
-            k_all,
-            v_all,
-            key_bias=bias,
-            context=self.context,
-            num_external=self.cache.num_external,
-        )
-        return self.processor.attend(call)[0]
-
-    def chunk(self, steps) -> list[torch.Tensor]:
-        """The denoising steps ``[(q, own k, own v), ...]``: the output of each."""
-        self.context.phase, outs = "denoise", []
-        self.context.pipeline_state["rollout"] = _Chunk(len(steps))  # as CausalWanPipeline tells it
-        for step, qkv in enumerate(steps):
-            self.context.chunk_step = step
-            outs.append(self.call(*qkv))
-        return outs
-
-    def commit(self, q, k, v) -> torch.Tensor:
-        self.context.phase, self.context.chunk_step = "commit", None
-        return self.call(q, k, v)
-
-
-def drifting_steps(q, k, v, drift) -> list[tuple[torch.Tensor, ...]]:
-    """``len(STEPS)`` denoising steps starting at ``(q, k, v)``; each next step mixes in fresh noise."""
-    steps = [(q, k, v)]
-    for _ in STEPS[1:]:
-        steps.append(
-            tuple(
-                ((1 - drift) ** 0.5 * x.float() + drift**0.5 * torch.randn_like(x, dtype=torch.float32)).to(
-                    x.dtype
-                )
-                for x in steps[-1]
-            )
-        )
-    return steps
-
-
-def flashblock_layer_section(spec, device, dtype, noise, drift, config) -> tuple[list[dict], list[dict]]:
-    heads, dim = spec["model"]["num_attention_heads"], spec["model"]["attention_head_dim"]
-    rows_hw = spec["grid_hw"]
-    per_frame = rows_hw[0] * rows_hw[1]
-    grid = (CHUNK_FRAMES, *rows_hw)
-    stream = RedundantStream(rows_hw, heads, dim, noise, device, dtype)
-    caches = {
-        "dense": DenseKVCache(capacity_tokens=spec["max_frames"] * per_frame),
-        "tempcache": TempCacheKV(TempCacheConfig()),
-    }
-    caches["tempcache"].observe_grid(grid)
-    configs = {"flashblock": config, "tempcache": TempCacheConfig()}
-    schedule = config.build()  # FlashBlock's refresh rule, for the report
-    provider = "vidaccel_triton" if device.type == "cuda" else "reference"
-    timing, fidelity, done = [], [], 0
-    for target in spec["layer_frames"]:
-        while done < target:
-            frames = min(CHUNK_FRAMES, target - done)
-            k, v = stream.next(frames)
-            frame_index = torch.arange(done, done + frames, device=device).repeat_interleave(per_frame)
-            for cache in caches.values():
-                cache.commit(k, v, k_pre=k, frame_index=frame_index)
-            done += frames
-        runners = {
-            name: ChunkRunner(caches[cache], [configs[c] for c in names], grid)
-            for name, (cache, names) in FB_METHODS.items()
-        }
-        content_k, content_v = stream.peek(CHUNK_FRAMES)  # the chunk's clean keys and values
-        inputs = {
-            "random": (torch.randn_like(content_k), content_k, content_v),
-            "tracking": (content_k, content_k, content_v),
-        }
-        steps = drifting_steps(*inputs["random"], drift)
-        for name, runner in runners.items():
-            chunk_ms = _median_ms(lambda r=runner, s=steps: r.chunk(s), device)
-            commit_ms = _median_ms(lambda r=runner, x=inputs["random"]: r.commit(*x), device)
-            timing.append(
-                dict(
-                    method=name, provider=provider, cache_frames=target, cache_tokens=runner.cache.num_external,
-                    chunk_attention_ms=chunk_ms, commit_attention_ms=commit_ms,
-                )
-            )  # fmt: skip
-        timing.append(_sdpa_chunk_row(steps, caches["dense"], target, device))
-        for model in QUERY_MODELS:
-            steps = drifting_steps(*inputs[model], drift)
-            outs = {name: runner.chunk(steps) for name, runner in runners.items()}
-            external = [_external_output(q, caches["dense"]) for q, _, _ in steps]
-            cosine = [
-                float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean())
-                for a, b in zip(external, external[1:], strict=False)
-            ]
-            for name in FB_METHODS:
-                fidelity.append(
-                    dict(
-                        query_model=model, method=name, cache_frames=target,
-                        refresh=[schedule.refreshes(step, _Chunk(len(steps))) for step in range(len(steps))],
-                        rel_err_vs_dense=[relative_error(o.float(), d.float()) for o, d in zip(outs[name], outs["dense"], strict=True)],
-                        rel_err_vs_tempcache=[relative_error(o.float(), t.float()) for o, t in zip(outs[name], outs["tempcache"], strict=True)],
-                        external_output_cosine_between_steps=cosine,
-                    )
-                )  # fmt: skip
-        del runners
-        _release(device)
-    del caches
-    _release(device)
-    return timing, fidelity
-
-
-def world_model_fidelity(device, methods, seed, num_frames=WORLD_FRAMES) -> dict:
-    """PSNR / SSIM against the game's true frames of the shipped world model (``assets/world_model``),
-    rolled out from true context frames with random actions, for each of ``methods``; skipped (with
-    the reason) when the model is not there, and any failure is reported instead of raised."""
-    try:
-        from vidaccel.pipelines.game import GameEnv, random_actions
-        from vidaccel.pipelines.world_model import DEFAULT_WORLD_MODEL, WorldModelPipeline
-
-        if not (DEFAULT_WORLD_MODEL / "world_model.json").is_file():
-            return {"skipped": f"no world model at {DEFAULT_WORLD_MODEL}"}
-        pipe = WorldModelPipeline.from_pretrained_world_model(device=device)
-        context_frames = int(pipe.metadata["context_frames"])
-        actions = random_actions(context_frames + num_frames, seed=seed)
-        actions[0] = 0  # the reset frame's action is noop
-        env = GameEnv(seed)
-        frames = np.concatenate([env.reset()[None], env.rollout(actions[1:])])
-        truth = frames[context_frames:].astype(np.float32) / 255
-        videos = {}
-        for name, configs in methods.items():
-            if configs:
-                vidaccel.apply(pipe, *configs)
-            else:
-                vidaccel.remove(pipe)
-            videos[name] = pipe(
-                frames[:context_frames], actions[context_frames:], num_frames,
-                context_actions=actions[:context_frames], generator=torch.Generator(device).manual_seed(seed),
-            ).frames[0]  # fmt: skip
-        vidaccel.remove(pipe)
-    except Exception as exc:  # W's model is optional here: report, never fail the benchmark
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    return {
-        "frames": num_frames,
-        "context_frames": context_frames,
-        "seed": seed,
-        **{
-            name: dict(
-                psnr_vs_truth=psnr(video, truth),
-                ssim_vs_truth=ssim(video, truth),
-                psnr_vs_dense=psnr(video, videos["dense"]),
-            )
-            for name, video in videos.items()
-        },
-    }
-
-
-def _external_output(q, cache) -> torch.Tensor:
-    """Attention of ``q`` to the cache alone (the part FlashBlock keeps), ``[B, Sq, H, Dv]``."""
-    n = cache.num_external
-    k_all, v_all, bias = cache.extend(q, q)  # own keys are ignored below; the views cover the cache
-    return ops.attention(q, k_all[:, :n], v_all[:, :n], key_bias=None if bias is None else bias[..., :n])
-
-
-def _sdpa_chunk_row(steps, cache, target, device) -> dict:
-    """The dense chunk on SDPA (flash on CUDA), the protocol's peer: one call per step over the full
-    cache (the own keys of step 0 stand in for every step's; the time does not depend on values)."""
-    k_all, v_all, _ = cache.extend(steps[0][1], steps[0][2])
-    k_t, v_t = (t.transpose(1, 2).contiguous() for t in (k_all, v_all))
-    queries = [q.transpose(1, 2).contiguous() for q, _, _ in steps]
-    backend = (
-        torch.nn.attention.SDPBackend.FLASH_ATTENTION
-        if device.type == "cuda"
-        else torch.nn.attention.SDPBackend.MATH
-    )
-    row = dict(method="dense", provider="sdpa_flash", cache_frames=target, cache_tokens=cache.num_external)
-    try:
-        with torch.nn.attention.sdpa_kernel(backend):
-            chunk_ms = _median_ms(
-                lambda: [torch.nn.functional.scaled_dot_product_attention(q, k_t, v_t) for q in queries],
-                device,
-            )
-    except RuntimeError as exc:  # a peer that cannot run here is reported, not fatal
-        return row | {"error": f"{type(exc).__name__}: {exc}"}
-    return row | dict(chunk_attention_ms=chunk_ms, commit_attention_ms=chunk_ms / len(queries))
 
 
 def flashblock_targets(report) -> dict:
@@ -691,12 +324,27 @@ def _shown_frames(frames: list[int]) -> list[int]:
 
 
 def format_flashblock_table(report) -> str:
+    t = report["targets"]
+    lines = [
+        *_flashblock_layer_lines(report),
+        *_flashblock_fidelity_lines(report),
+        *_flashblock_end_to_end_lines(report),
+    ]
+    judged = ", ".join(f"{f}: {t['flashblock_speedup_vs_dense'][f]:.2f}x" for f in t["frames_judged"])
+    lines.append(
+        f"target >= 1.6x lower chunk attention time at >= 60 frames ({judged}): {'met' if t['meets'] else 'NOT met'}"
+    )
+    return "\n".join(lines)
+
+
+def _flashblock_layer_lines(report) -> list[str]:
+    """The layer-level timing table."""
     at = {(r["method"], r["provider"], r["cache_frames"]): r for r in report["layer"]}
     provider = next(r["provider"] for r in report["layer"] if r["provider"] != "sdpa_flash")
     frames = sorted({r["cache_frames"] for r in report["layer"]})
 
     def ms(method, f, p=provider, key="chunk_attention_ms"):
-        return _fmt(at.get((method, p, f), {}).get(key), ".2f")
+        return fmt(at.get((method, p, f), {}).get(key), ".2f")
 
     t = report["targets"]
     lines = [
@@ -728,6 +376,13 @@ def format_flashblock_table(report) -> str:
             )
         )  # fmt: skip
     lines.append(align(table))
+    return lines
+
+
+def _flashblock_fidelity_lines(report) -> list[str]:
+    """The per-step error table, per query model and cache size."""
+    frames = sorted({r["cache_frames"] for r in report["layer"]})
+    lines = []
     lines.append(
         f"fidelity: rel err vs dense full cache per step (drift {report['drift']}), steps marked * refresh"
     )
@@ -748,6 +403,12 @@ def format_flashblock_table(report) -> str:
                 )
             )  # fmt: skip
     lines.append(align(table))
+    return lines
+
+
+def _flashblock_end_to_end_lines(report) -> list[str]:
+    """The end-to-end chunk latency table and the world model's fidelity."""
+    t, lines = report["targets"], []
     pipeline = {(r["method"], r["cache_frames"]): r for r in report["pipeline"]}
     lines.append(
         f"end to end: chunk latency (4 steps + commit), {report['pipeline_layers']} layers, random weights, ms"
@@ -783,11 +444,7 @@ def format_flashblock_table(report) -> str:
         )
     else:
         lines.append(f"world model: {world.get('skipped') or world.get('error')}")
-    judged = ", ".join(f"{f}: {t['flashblock_speedup_vs_dense'][f]:.2f}x" for f in t["frames_judged"])
-    lines.append(
-        f"target >= 1.6x lower chunk attention time at >= 60 frames ({judged}): {'met' if t['meets'] else 'NOT met'}"
-    )
-    return "\n".join(lines)
+    return lines
 
 
 def flashblock_panels(report) -> list[tuple[str, dict]]:
@@ -878,8 +535,8 @@ def format_table(report) -> str:
                 continue
             lines.append(
                 f"  {r['method']:9s} {r['provider']:15s} {r['cache_frames']:4d} {r['cache_tokens']:8d} "
-                f"{r['layer_call_ms']:8.3f} {_fmt(r['commit_ms_per_chunk'], '8.3f')} {_fmt(r.get('cache_mib'), '9.1f')} "
-                f"{_fmt(r.get('merge_rate'), '6.3f')} {_fmt(r.get('rel_err_vs_dense'), '9.2e')}"
+                f"{r['layer_call_ms']:8.3f} {fmt(r['commit_ms_per_chunk'], '8.3f')} {fmt(r.get('cache_mib'), '9.1f')} "
+                f"{fmt(r.get('merge_rate'), '6.3f')} {fmt(r.get('rel_err_vs_dense'), '9.2e')}"
             )
     pipeline = report.get("pipeline", [])
     if pipeline:
@@ -910,7 +567,7 @@ def format_table(report) -> str:
             )
         lines.append(
             f"targets ({section}): "
-            + ", ".join(f"{k}={_fmt(v, '.3f') if isinstance(v, float) else v}" for k, v in flat.items())
+            + ", ".join(f"{k}={fmt(v, '.3f') if isinstance(v, float) else v}" for k, v in flat.items())
         )
     return "\n".join(lines)
 
@@ -937,112 +594,7 @@ def plot(report, path: Path) -> None:
             series.setdefault(r["method"], []).append((r["cache_frames"], r[key]))
         if series:
             panels.append((title, series))
-    draw_panels(panels, path)
-
-
-def draw_panels(panels: list[tuple[str, dict]], path: Path) -> None:
-    """Line plots, one panel per ``(title, {series name: [(x, y), ...]})``, stacked in one PNG
-    drawn with PIL."""
-    from PIL import Image, ImageDraw
-
-    width, height, pad = 640, 360, 48
-    image = Image.new("RGB", (width, height * max(len(panels), 1)), "white")
-    draw = ImageDraw.Draw(image)
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-    for index, (title, series) in enumerate(panels):
-        top = index * height
-        xs = [x for points in series.values() for x, _ in points]
-        ys = [y for points in series.values() for _, y in points]
-        x0, x1, y1 = min(xs), max(max(xs), min(xs) + 1), max(ys) * 1.05 or 1.0
-        box = (pad, top + pad, width - pad // 2, top + height - pad)
-        draw.rectangle(box, outline="black")
-        draw.text((pad, top + 12), title, fill="black")
-        draw.text((4, box[1]), f"{y1:.3g}", fill="black")
-        draw.text((4, box[3] - 10), "0", fill="black")
-        draw.text((box[0], box[3] + 6), f"{x0}", fill="black")
-        draw.text((box[2] - 24, box[3] + 6), f"{x1}", fill="black")
-
-        def to_px(x, y, box=box, x0=x0, x1=x1, y1=y1):
-            return (box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - y / y1 * (box[3] - box[1]))
-
-        for s, (name, points) in enumerate(series.items()):
-            color = colors[s % len(colors)]
-            pixels = [to_px(x, y) for x, y in sorted(points)]
-            if len(pixels) > 1:
-                draw.line(pixels, fill=color, width=2)
-            for px, py in pixels:
-                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
-            draw.text((box[0] + 8, box[1] + 6 + 12 * s), name, fill=color)
-    image.save(path)
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
-def _bench(fn, device):
-    """Warm-up call, then the median time in ms (do_bench with CUDA events; perf_counter on CPU)."""
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return out, triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    times = []
-    for _ in range(MIN_REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return out, statistics.median(times)
-
-
-def _median_ms(fn, device, repeats=FB_REPEATS) -> float:
-    """Median time in ms of ``repeats`` calls after two warm-ups (CUDA events; perf_counter on CPU)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats if device.type == "cuda" else 2):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def _wall_ms(fn, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
-
-
-def _release(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-
-
-def _fmt(value, spec):
-    return "" if value is None else format(value, spec)
+    plot_points(panels, path)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -47,28 +46,28 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import (  # noqa: E402
+import vidaccel  # noqa: E402
+from vidaccel import AnnCAConfig, AnnSAConfig, AttentionCall, StepContext, ops  # noqa: E402
+from vidaccel.metrics import relative_error  # noqa: E402
+from vidaccel.pipelines.bench import (  # noqa: E402
     Bench,
-    _flex_block_mask,
-    _fmt,
-    _kept_pairs,
-    _sdpa_baseline,
-    _with_ratios,
     align,
     bench_device,
     bench_parser,
     environment,
+    flex_block_mask,
+    fmt,
+    kept_pairs,
     parse_bench_args,
+    sdpa_baseline,
+    sync,
+    with_ratios,
     write_report,
 )
-
-import vidaccel  # noqa: E402
-from vidaccel import AnnCAConfig, AnnSAConfig, AttentionCall, StepContext, ops  # noqa: E402
-from vidaccel.metrics import relative_error  # noqa: E402
+from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG  # noqa: E402
 from vidaccel.processors import annsa  # noqa: E402
 from vidaccel.processors.base import dense_attention  # noqa: E402
+from vidaccel.processors.tokens import take_rows  # noqa: E402
 from vidaccel.state import context_of  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sparse.json"
@@ -114,24 +113,24 @@ def main(argv=None) -> dict:
 
 def kernel_level(bench: Bench, shapes: dict, tokens: int) -> list[dict]:
     heads, dim, block = shapes["heads"], shapes["head_dim"], shapes["block"]
-    inputs = {"clustered": clustered_qkv(bench, tokens), "random": bench._qkv(tokens)}
+    inputs = {"clustered": clustered_qkv(bench, tokens), "random": bench.qkv(tokens)}
     q, k, v = inputs["clustered"]
     q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    sdpa = bench._measure(
+    sdpa = bench.measure(
         dict(topic="annsa", tokens=tokens, input="any", provider="sdpa_flash", density=1.0),
         lambda: _sdpa_flash(q_t, k_t, v_t),
-        bench._reference(q, k, v),
+        bench.reference(q, k, v),
         tokens * tokens * heads,
         layout="bhsd",
     )
     rows = [sdpa]
-    baseline = _sdpa_baseline(rows, tokens)
+    baseline = sdpa_baseline(rows, tokens)
     base_config = dict(n_clusters=shapes["n_clusters"], refresh_every=REFRESH, dense_layers=0, dense_steps=0)
     base_config.update(sink_tokens=0, ann_backend="triton", block_size=block)
     top_ks = _top_k_for_densities(q, k, base_config, DENSITIES)
     routings = [(target, dict(top_k=top_k)) for target, top_k in zip(DENSITIES, top_ks, strict=True)]
     routings.append((None, dict(top_p=TOP_P)))  # mass-based routing: density follows the data
-    references = {kind: bench._reference(*qkv) for kind, qkv in inputs.items()}
+    references = {kind: bench.reference(*qkv) for kind, qkv in inputs.items()}
     for target, routing in routings:
         config = AnnSAConfig(**routing, **base_config)
         for kind, (q, k, v) in inputs.items():
@@ -140,14 +139,14 @@ def kernel_level(bench: Bench, shapes: dict, tokens: int) -> list[dict]:
             out, plan = simulate_run(q, k, v, config, shapes["steps"])
             density = plan.density()
             row.update(density=density, rel_err=relative_error(out[:, : ref.shape[1]], ref))
-            row["plan_ms"] = bench._time(lambda q=q, k=k, config=config: annsa.build_plan(q, k, config))[1]
-            run_ms = bench._time(
+            row["plan_ms"] = bench.timed(lambda q=q, k=k, config=config: annsa.build_plan(q, k, config))[1]
+            run_ms = bench.timed(
                 lambda q=q, k=k, v=v, config=config: simulate_run(q, k, v, config, shapes["steps"])
             )[1]
-            pairs = _kept_pairs(plan.blocks.block_mask, tokens)
+            pairs = kept_pairs(plan.blocks.block_mask, tokens)
             per_call = dict(row, provider="annsa_per_call", ms=run_ms / (shapes["steps"] * PASSES))
             per_call["tflops"] = 4 * dim * pairs / per_call["ms"] * 1e-9
-            rows.append(_with_ratios(per_call, baseline, density))
+            rows.append(with_ratios(per_call, baseline, density))
             rows += _same_layout(bench, row, plan, q, k, v, pairs, baseline, density)
     return rows
 
@@ -164,36 +163,36 @@ def simulate_run(q, k, v, config: AnnSAConfig, steps: int):
             out, _ = method.attend(
                 AttentionCall(attn, "self", q, k, v, context=context, backend="triton"), dense_attention
             )
-    return out, context.module_state(attn)["annsa"]["plan"]
+    return out, annsa.plan_of(context, attn)
 
 
 def _same_layout(bench, row, plan, q, k, v, pairs, baseline, density):
     """The attention alone on permuted tokens: vidaccel's kernel and FlexAttention, same layout."""
-    q_p = annsa.take_rows(q, plan.q_rows)
-    k_p, v_p = annsa.take_rows(k, plan.k_rows), annsa.take_rows(v, plan.k_rows)
+    q_p = take_rows(q, plan.q_rows)
+    k_p, v_p = take_rows(k, plan.k_rows), take_rows(v, plan.k_rows)
     out_p = torch.empty_like(q_p)
-    permute_ms = bench._time(  # what AnnSA adds per call around the kernel: 3 gathers, 1 un-permute
+    permute_ms = bench.timed(  # what AnnSA adds per call around the kernel: 3 gathers, 1 un-permute
         lambda: (
-            annsa.take_rows(q, plan.q_rows),
-            annsa.take_rows(k, plan.k_rows),
-            annsa.take_rows(v, plan.k_rows),
-            annsa.take_rows(out_p, plan.q_inverse_rows),
+            take_rows(q, plan.q_rows),
+            take_rows(k, plan.k_rows),
+            take_rows(v, plan.k_rows),
+            take_rows(out_p, plan.q_inverse_rows),
         )
     )[1]
     rows = [dict(row, provider="annsa_permutation_only", ms=permute_ms)]
-    ours = bench._time(lambda: ops.attention(q_p, k_p, v_p, plan=plan.blocks, backend="triton"))[1]
-    rows.append(_with_ratios(dict(row, provider="vidaccel_kernel_same_layout", ms=ours), baseline, density))
+    ours = bench.timed(lambda: ops.attention(q_p, k_p, v_p, plan=plan.blocks, backend="triton"))[1]
+    rows.append(with_ratios(dict(row, provider="vidaccel_kernel_same_layout", ms=ours), baseline, density))
     flex_fn, note = bench.flex
     flex_row = dict(row, provider="flex_same_layout", mode=note)
     if flex_fn is None:
         return rows + [dict(flex_row, error=note)]
     try:
-        mask = _flex_block_mask(plan.blocks.block_mask, q.shape[1])
+        mask = flex_block_mask(plan.blocks.block_mask, q.shape[1])
         q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q_p, k_p, v_p))
-        ms = bench._time(lambda: flex_fn(q_t, k_t, v_t, block_mask=mask))[1]
+        ms = bench.timed(lambda: flex_fn(q_t, k_t, v_t, block_mask=mask))[1]
     except Exception as exc:  # a peer that cannot run here is reported, not fatal
         return rows + [dict(flex_row, error=f"{type(exc).__name__}: {exc}")]
-    return rows + [_with_ratios(dict(flex_row, ms=ms), baseline, density)]
+    return rows + [with_ratios(dict(flex_row, ms=ms), baseline, density)]
 
 
 def clustered_qkv(bench: Bench, tokens: int):
@@ -209,7 +208,7 @@ def clustered_qkv(bench: Bench, tokens: int):
         x = x + NOISE * torch.randn(x.shape, device=bench.device, generator=gen)
         return x.transpose(0, 1)[None].to(bench.dtype).contiguous()
 
-    return around(), around(), bench._randn(1, tokens, heads, dim)
+    return around(), around(), bench.randn(1, tokens, heads, dim)
 
 
 def _top_k_for_densities(q, k, base_config, targets):
@@ -228,42 +227,18 @@ def _sdpa_flash(q_t, k_t, v_t):
         return torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 _LAYER = torch.nn.Identity()  # the attention module a simulated run keys its plan state on
 
 
 def end_to_end(bench: Bench, quick: bool, steps: int) -> list[dict]:
     """Per-forward time of a Wan-1.3B-shaped transformer, stock (dense SDPA) vs AnnSA + AnnCA."""
-    from diffusers import WanTransformer3DModel
-
-    device, dtype = bench.device, bench.dtype
-    layers, grid, text = (2, (3, 8, 8), 64) if quick else (30, (21, 30, 52), 512)
-    heads = 12 if not quick else 2
-    with torch.device(device):
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=heads,
-            attention_head_dim=128,
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=8960 if not quick else 256,
-            num_layers=layers,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=1024,
-        )
-    model = model.to(dtype).eval()
-    latent = bench._randn(1, 16, grid[0], grid[1] * 2, grid[2] * 2)
+    device = bench.device
+    grid, text = ((3, 8, 8), 64) if quick else ((21, 30, 52), 512)
+    model = _e2e_model(bench, quick)
+    latent = bench.randn(1, 16, grid[0], grid[1] * 2, grid[2] * 2)
     prompts = []
     for _ in range(PASSES):
-        embeds = bench._randn(1, text, 4096)
+        embeds = bench.randn(1, text, 4096)
         embeds[:, 60:] = 0  # Wan's zero padding
         prompts.append(embeds)
     timesteps = torch.linspace(999, 800, steps).tolist()
@@ -281,10 +256,10 @@ def end_to_end(bench: Bench, quick: bool, steps: int) -> list[dict]:
         out = fn()
         times = []
         for _ in range(E2E_REPEATS):
-            _sync(device)
+            sync(device)
             begin = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times.append((time.perf_counter() - begin) * 1e3)
         return out, statistics.median(times) / (steps * PASSES)
 
@@ -298,7 +273,7 @@ def end_to_end(bench: Bench, quick: bool, steps: int) -> list[dict]:
         )
         sparse_out, sparse_ms = per_forward(run)
         context = context_of(model)
-        plans = [context.module_state(block.attn1).get("annsa", {}).get("plan") for block in model.blocks]
+        plans = [annsa.plan_of(context, block.attn1) for block in model.blocks]
         density = statistics.mean(plan.density() for plan in plans if plan is not None)
         vidaccel.remove(model)
     base = dict(topic="e2e", tokens=grid[0] * grid[1] * grid[2], input="random weights")
@@ -314,6 +289,16 @@ def end_to_end(bench: Bench, quick: bool, steps: int) -> list[dict]:
             rel_err=relative_error(sparse_out.float(), dense_out.float()),
         ),
     ]
+
+
+def _e2e_model(bench: Bench, quick: bool):
+    """The end-to-end run's transformer: Wan2.1-1.3B's shapes (tiny with ``quick``), random weights."""
+    from diffusers import WanTransformer3DModel
+
+    tiny = dict(num_layers=2, num_attention_heads=2, ffn_dim=256) if quick else {}
+    with torch.device(bench.device):
+        model = WanTransformer3DModel(**(WAN21_1_3B_CONFIG | tiny))
+    return model.to(bench.dtype).eval()
 
 
 def format_table(rows) -> str:
@@ -336,7 +321,7 @@ def format_table(rows) -> str:
             r["topic"],
             str(r["tokens"]),
             r.get("input", ""),
-            _fmt(r.get("density"), ".3f"),
+            fmt(r.get("density"), ".3f"),
             f"k={r['top_k']}" if r.get("top_k") else f"p={r['top_p']}" if r.get("top_p") else "",
             r["provider"],
         )
@@ -347,11 +332,11 @@ def format_table(rows) -> str:
         lines.append(
             (
                 *cells,
-                _fmt(r.get("ms"), ".3f"),
-                _fmt(ratio, ".2f") + ("x" if ratio else ""),
-                _fmt(r.get("sparse_eff"), ".2f"),
-                _fmt(r.get("plan_ms"), ".2f") if r["provider"] == "annsa_per_call" else "",
-                _fmt(r.get("rel_err"), ".3f"),
+                fmt(r.get("ms"), ".3f"),
+                fmt(ratio, ".2f") + ("x" if ratio else ""),
+                fmt(r.get("sparse_eff"), ".2f"),
+                fmt(r.get("plan_ms"), ".2f") if r["provider"] == "annsa_per_call" else "",
+                fmt(r.get("rel_err"), ".3f"),
             )
         )
     return align(lines)

@@ -36,22 +36,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
-from bench_attention import (  # noqa: E402
-    Bench,
-    _fmt,
-    align,
-    bench_device,
-    bench_parser,
-    environment,
-    parse_bench_args,
-    write_report,
-)
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import vidaccel  # noqa: E402
 from vidaccel import ops  # noqa: E402
 from vidaccel.kernels.window import DEFAULT_TILES, plan_window, window_starts  # noqa: E402
 from vidaccel.metrics import relative_error  # noqa: E402
+from vidaccel.pipelines import bench as harness  # noqa: E402
 from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "window.json"
@@ -66,14 +57,14 @@ STEP_QUICK = dict(num_layers=2, num_attention_heads=2, attention_head_dim=64, ff
 
 
 def main(argv=None) -> dict:
-    parser = bench_parser(__doc__, DEFAULT_OUT)
+    parser = harness.bench_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--step", action="store_true", help="also time the Wan-1.3B-shaped refinement step")
-    args = parse_bench_args(parser, argv)
+    args = harness.parse_bench_args(parser, argv)
 
-    device, dtype = bench_device(parser, args)
+    device, dtype = harness.bench_device(parser, args)
     shapes = FULL if not args.quick else QUICK_GPU if device.type == "cuda" else QUICK_CPU
 
-    bench = Bench(device, dtype, shapes, args.seed)
+    bench = harness.Bench(device, dtype, shapes, args.seed)
     rows = attention_rows(bench, shapes)
     if args.step:
         try:
@@ -82,14 +73,14 @@ def main(argv=None) -> dict:
             rows.append(dict(topic="step", provider="step", error=f"{type(exc).__name__}: {exc}"))
 
     report = {
-        **environment(device, args.quick, dtype),
+        **harness.environment(device, args.quick, dtype),
         "grid": list(shapes["grid"]),
         "half_window": list(shapes["half_window"]),
         "heads": shapes["heads"],
         "head_dim": shapes["head_dim"],
         "rows": rows,
     }
-    write_report(args.out, report)
+    harness.write_report(args.out, report)
     print(
         f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']} | "
         f"grid {tuple(shapes['grid'])} | half-window {tuple(shapes['half_window'])} | "
@@ -100,10 +91,10 @@ def main(argv=None) -> dict:
     return report
 
 
-def attention_rows(bench: Bench, shapes) -> list[dict]:
+def attention_rows(bench: harness.Bench, shapes) -> list[dict]:
     grid, half = shapes["grid"], shapes["half_window"]
     seq = math.prod(grid)
-    q, k, v = bench._qkv(seq)
+    q, k, v = bench.qkv(seq)
     q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     check = _check_tokens(grid, shapes["check_queries"], bench.device)
     ref = _window_reference(q, k, v, grid, half, check)
@@ -112,7 +103,7 @@ def attention_rows(bench: Bench, shapes) -> list[dict]:
 
     def measure(row, fn, layout="bshd"):
         try:
-            out, ms = bench._time(fn)
+            out, ms = bench.timed(fn)
         except Exception as exc:  # a peer that cannot run here is reported, not fatal
             return dict(row, error=f"{type(exc).__name__}: {exc}")
         out = out.transpose(1, 2) if layout == "bhsd" else out
@@ -149,33 +140,26 @@ def attention_rows(bench: Bench, shapes) -> list[dict]:
             )
         )
 
-    flex_fn, flex_note = bench.flex
-    flex_row = dict(base, provider="flex_attention", mode=flex_note)
-    if flex_fn is None:
-        rows.append(dict(flex_row, error=flex_note))
-    else:
-        try:
-            block_mask = _flex_window_mask(grid, half, bench.device, compiled=bench.cuda)
-        except Exception as exc:
-            rows.append(dict(flex_row, error=f"BlockMask: {type(exc).__name__}: {exc}"))
-        else:
-            dense_blocks = block_mask.kv_num_blocks.sum() + (
-                0 if block_mask.full_kv_num_blocks is None else block_mask.full_kv_num_blocks.sum()
-            )
-            n_blocks = triton.cdiv(seq, 128)
-            flex_row["block_density"] = float(dense_blocks) / n_blocks**2
-            flex_row["density"] = flex_row["block_density"]
-            rows.append(
-                measure(flex_row, lambda: flex_fn(q_t, k_t, v_t, block_mask=block_mask), layout="bhsd")
-            )
+    def flex(flex_fn, row, block_mask):
+        dense_blocks = block_mask.kv_num_blocks.sum() + (
+            0 if block_mask.full_kv_num_blocks is None else block_mask.full_kv_num_blocks.sum()
+        )
+        n_blocks = triton.cdiv(seq, 128)
+        row["block_density"] = float(dense_blocks) / n_blocks**2
+        row["density"] = row["block_density"]
+        return measure(row, lambda: flex_fn(q_t, k_t, v_t, block_mask=block_mask), layout="bhsd")
+
+    rows.append(
+        bench.flex_row(base, lambda: _flex_window_mask(grid, half, bench.device, compiled=bench.cuda), flex)
+    )
     return _with_ratios(rows)
 
 
-def step_rows(bench: Bench, shapes, *, quick: bool) -> list[dict]:
+def step_rows(bench: harness.Bench, shapes, *, quick: bool) -> list[dict]:
     """Time the transformer forward kinds once each (after a warm-up), amortise per step."""
     from diffusers import WanTransformer3DModel
 
-    from vidaccel.processors.freeswim import STATE_KEY, FreeSwimBatch
+    from vidaccel.processors.freeswim import FreeSwimBatch, set_freeswim_batch
     from vidaccel.state import context_of
 
     dims = STEP_QUICK if quick else {}
@@ -193,7 +177,7 @@ def step_rows(bench: Bench, shapes, *, quick: bool) -> list[dict]:
     def forward(rows, mode=None):
         context = context_of(model)
         if context is not None:
-            context.pipeline_state[STATE_KEY] = FreeSwimBatch(mode, 1)
+            set_freeswim_batch(context, FreeSwimBatch(mode, 1))
         with torch.inference_mode():
             return model(
                 hidden_states=latent.expand(rows, -1, -1, -1, -1),
@@ -327,25 +311,27 @@ def format_table(rows) -> str:
             lines.append((*cells, "error: " + r["error"][:80], "", "", "", "", ""))
             continue
         ratio = (
-            f"{_fmt(r.get('vs_sdpa'), '.2f')}x|{_fmt(r.get('vs_best_sdpa'), '.2f')}x"
+            f"{harness.fmt(r.get('vs_sdpa'), '.2f')}x|{harness.fmt(r.get('vs_best_sdpa'), '.2f')}x"
             if "vs_sdpa" in r
             else ""
         )
         density = (
-            f"{_fmt(r.get('density'), '.3f')}|{_fmt(r.get('block_density'), '.3f')}" if "density" in r else ""
+            f"{harness.fmt(r.get('density'), '.3f')}|{harness.fmt(r.get('block_density'), '.3f')}"
+            if "density" in r
+            else ""
         )
         lines.append(
             (
                 *cells,
-                _fmt(r["ms"], ".1f"),
+                harness.fmt(r["ms"], ".1f"),
                 ratio,
                 density,
-                _fmt(r.get("masked"), ".2f"),
-                _fmt(r.get("rel_err"), ".2e"),
-                _fmt(r.get("vs_dense_step"), ".3f"),
+                harness.fmt(r.get("masked"), ".2f"),
+                harness.fmt(r.get("rel_err"), ".2e"),
+                harness.fmt(r.get("vs_dense_step"), ".3f"),
             )
         )
-    return align(lines)
+    return harness.align(lines)
 
 
 if __name__ == "__main__":

@@ -32,29 +32,25 @@ from __future__ import annotations
 import itertools
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 # On CPU the world model runs every op on its PyTorch reference: the Triton interpreter (which
-# bench_attention would select) only slows the sweep down; the kernels have their own tests.
+# the attention benchmarks select) only slows the sweep down; the kernels have their own tests.
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 from vidaccel import TempCacheConfig  # noqa: E402
 from vidaccel.metrics import psnr  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from bench_attention import align, bench_parser, environment, parse_bench_args, write_report  # noqa: E402
-from world_model_rollout import (  # noqa: E402
-    FIRST,
-    FLAG_DB,
-    add_model_arguments,
-    add_world_arguments,
-    load_world_model,
-    run_method,
-    world_batch,
-)
+from vidaccel.pipelines.bench import (
+    align,
+    bench_parser,
+    environment,
+    parse_bench_args,
+    write_report_and_table,
+)  # noqa: E402
+from vidaccel.pipelines.cli import add_model_arguments, add_world_arguments, load_world_model  # noqa: E402
+from vidaccel.pipelines.evaluation import FIRST, FLAG_DB  # noqa: E402
+from vidaccel.pipelines.runs import run_method, world_batch  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "world_model_tempcache.json"
 FULL = dict(frames=96, seeds=4, max_tokens=None)
@@ -70,25 +66,7 @@ CHOICES = {
 
 
 def main(argv=None) -> dict:
-    parser = bench_parser(__doc__, DEFAULT_OUT)
-    add_model_arguments(parser)
-    add_world_arguments(
-        parser, frames=(FULL["frames"], QUICK["frames"]), seeds=(FULL["seeds"], QUICK["seeds"]), batched=True
-    )
-    parser.add_argument("--thresholds", default=None, help="comma-separated τ values (default 0.9,0.95,0.98)")
-    parser.add_argument(
-        "--scopes", default=None, help=f"comma-separated subset of {','.join(CHOICES['scope'])}"
-    )
-    parser.add_argument(
-        "--match-keys", default=None, help=f"comma-separated subset of {','.join(CHOICES['match_keys'])}"
-    )
-    parser.add_argument("--per-head", default=None, help="comma-separated subset of true,false")
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        help="TempCache budget per layer and head (default: the config's; quick 2048)",
-    )
+    parser = _parser()
     args = parse_bench_args(parser, argv)
     spec = dict(QUICK if args.quick else FULL)
     spec.update(
@@ -114,12 +92,7 @@ def main(argv=None) -> dict:
     rollout = dict(
         context_frames=truth[:, :context], context_actions=context_actions, actions=actions, seed=args.seed
     )
-    warmup = 1 if device.type == "cuda" else 0  # kernel compilation out of the timings
-    dense_chunks, dense = run_method(pipe, [], warmup_chunks=warmup, **rollout)
-    runs = [("dense", None, dense_chunks, dense)]
-    for index, (choice, config) in enumerate(zip(grid, configs, strict=True)):
-        runs.append((_name(choice), choice, *run_method(pipe, [config], warmup_chunks=warmup, **rollout)))
-        print(f"[{index + 1}/{len(grid)}] {runs[-1][0]} ({time.perf_counter() - started:.0f} s)", flush=True)
+    runs, dense, dense_chunks = _rollouts(pipe, grid, configs, rollout, started)
     per_seed = [
         {"seed": seed, "rows": [_measure(name, choice, chunks, video[w], dense[w], dense_chunks, truth_pred[w])
                                 for name, choice, chunks, video in runs]}
@@ -146,12 +119,46 @@ def main(argv=None) -> dict:
         "winner": _winner(summary),
         "per_seed": per_seed,
     }
-    write_report(args.out, report)
-    table = format_table(report)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_report_and_table(args.out, report, format_table(report))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return report
+
+
+def _parser():
+    """The benchmark options and the sweep's grid."""
+    parser = bench_parser(__doc__, DEFAULT_OUT)
+    add_model_arguments(parser)
+    add_world_arguments(
+        parser, frames=(FULL["frames"], QUICK["frames"]), seeds=(FULL["seeds"], QUICK["seeds"]), batched=True
+    )
+    parser.add_argument("--thresholds", default=None, help="comma-separated τ values (default 0.9,0.95,0.98)")
+    parser.add_argument(
+        "--scopes", default=None, help=f"comma-separated subset of {','.join(CHOICES['scope'])}"
+    )
+    parser.add_argument(
+        "--match-keys", default=None, help=f"comma-separated subset of {','.join(CHOICES['match_keys'])}"
+    )
+    parser.add_argument("--per-head", default=None, help="comma-separated subset of true,false")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="TempCache budget per layer and head (default: the config's; quick 2048)",
+    )
+    return parser
+
+
+def _rollouts(pipe, grid: list[dict], configs: list, rollout: dict, started: float):
+    """Dense, then one rollout per grid choice: ``(runs [(name, choice, chunks, video)], the dense
+    video, the dense chunks)``."""
+    device = pipe.device
+    warmup = 1 if device.type == "cuda" else 0  # kernel compilation out of the timings
+    dense_chunks, dense = run_method(pipe, [], warmup_chunks=warmup, **rollout)
+    runs = [("dense", None, dense_chunks, dense)]
+    for index, (choice, config) in enumerate(zip(grid, configs, strict=True)):
+        runs.append((_name(choice), choice, *run_method(pipe, [config], warmup_chunks=warmup, **rollout)))
+        print(f"[{index + 1}/{len(grid)}] {runs[-1][0]} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return runs, dense, dense_chunks
 
 
 def _grid(args) -> list[dict]:

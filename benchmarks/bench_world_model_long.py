@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -48,28 +47,26 @@ import numpy as np
 os.environ.setdefault("TRITON_INTERPRET", "0")  # CPU: the PyTorch references, not the interpreter
 
 from vidaccel.metrics import psnr  # noqa: E402
+from vidaccel.pipelines.bench import bench_parser, environment, parse_bench_args, write_report_and_table  # noqa: E402
 from vidaccel.pipelines.causal_wan import check_eta  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from bench_attention import bench_parser, environment, parse_bench_args, write_report  # noqa: E402
-from world_model_rollout import (  # noqa: E402
+from vidaccel.pipelines.cli import (  # noqa: E402
+    add_model_arguments,
+    add_world_arguments,
+    load_world_model,
+    parse_timesteps,
+)
+from vidaccel.pipelines.evaluation import (  # noqa: E402
     ALIVE_STATISTICS,
     FIRST,
     LEVEL_WORLDS,
-    _alive,
-    _finite,
-    add_model_arguments,
-    add_world_arguments,
+    alive,
+    finite,
     frames_out,
     joined_range,
     level_frame_range,
-    load_world_model,
-    parse_timesteps,
-    run_method,
     true_frame_range,
-    world_batch,
 )
+from vidaccel.pipelines.runs import run_method, world_batch  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "world_model_long.json"
 FULL = dict(
@@ -87,6 +84,45 @@ QUICK = dict(
 
 
 def main(argv=None) -> dict:
+    parser = _parser()
+    args = parse_bench_args(parser, argv)
+    spec = dict(QUICK if args.quick else FULL)
+    spec.update({k: getattr(args, k) for k in spec if getattr(args, k) is not None})
+    try:
+        settings = _settings(
+            spec["context_timesteps"], spec["caches"], spec["shifts"], spec["timesteps"], spec["etas"]
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    if spec["frames"] < 1 or spec["seeds"] < 1:
+        parser.error(f"--frames and --seeds must be >= 1, got {spec['frames']} and {spec['seeds']}")
+
+    pipe = load_world_model(args)
+    context = int(pipe.metadata["context_frames"])
+    started = time.perf_counter()
+    seeds = list(range(args.seed, args.seed + spec["seeds"]))
+    rows, ranges, level_ranges = _sweep(pipe, args, settings, seeds, spec["frames"], started)
+    report = {
+        **environment(args.device, args.quick, pipe.transformer.dtype),
+        "model": "random weights"
+        if args.random_weights
+        else str(args.model or "shipped (assets/world_model)"),
+        "sampler": pipe.sampler,
+        "settings": {**spec, "context": context, "seeds_list": seeds, "first": FIRST},
+        "ranges": ranges,
+        "level_ranges": level_ranges,
+        "rule": "every world alive, then the highest PSNR over the first 32 frames; else alive the longest",
+        "seconds": time.perf_counter() - started,
+        "rows": rows,
+        "winner": _winner(rows),
+    }
+    write_report_and_table(args.out, report, format_table(report))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return report
+
+
+def _parser():
+    """The benchmark options and the sweep's own."""
     parser = bench_parser(__doc__, DEFAULT_OUT)
     add_model_arguments(parser)
     add_world_arguments(
@@ -117,23 +153,14 @@ def main(argv=None) -> dict:
         help="comma-separated shares of fresh noise in [0, 1] when the sampler re-noises (0: the flow ODE's "
         "Euler step; default: the model's, world_model.json, else 1)",
     )
-    args = parse_bench_args(parser, argv)
-    spec = dict(QUICK if args.quick else FULL)
-    spec.update({k: getattr(args, k) for k in spec if getattr(args, k) is not None})
-    try:
-        settings = _settings(
-            spec["context_timesteps"], spec["caches"], spec["shifts"], spec["timesteps"], spec["etas"]
-        )
-    except ValueError as error:
-        parser.error(str(error))
-    if spec["frames"] < 1 or spec["seeds"] < 1:
-        parser.error(f"--frames and --seeds must be >= 1, got {spec['frames']} and {spec['seeds']}")
+    return parser
 
-    pipe = load_world_model(args)
+
+def _sweep(pipe, args, settings: list[dict], seeds: list[int], frames: int, started: float):
+    """Roll the worlds ``seeds`` out once per setting: ``(rows, each world's range, each world's
+    level range)``."""
     context = int(pipe.metadata["context_frames"])
-    started = time.perf_counter()
-    seeds = list(range(args.seed, args.seed + spec["seeds"]))
-    context_actions, actions, truth, truth_pred = world_batch(seeds, context, spec["frames"], args.seed)
+    context_actions, actions, truth, truth_pred = world_batch(seeds, context, frames, args.seed)
     ranges = [true_frame_range(truth[w], seed, 0) for w, seed in enumerate(seeds)]
     level_ranges = [joined_range(world, level_frame_range(0)) for world in ranges]
     warmup = 1 if args.device.type == "cuda" else 0
@@ -162,26 +189,7 @@ def main(argv=None) -> dict:
             f"[{index + 1}/{len(settings)}] {_row_line(rows[-1])} ({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-    report = {
-        **environment(args.device, args.quick, pipe.transformer.dtype),
-        "model": "random weights"
-        if args.random_weights
-        else str(args.model or "shipped (assets/world_model)"),
-        "sampler": pipe.sampler,
-        "settings": {**spec, "context": context, "seeds_list": seeds, "first": FIRST},
-        "ranges": ranges,
-        "level_ranges": level_ranges,
-        "rule": "every world alive, then the highest PSNR over the first 32 frames; else alive the longest",
-        "seconds": time.perf_counter() - started,
-        "rows": rows,
-        "winner": _winner(rows),
-    }
-    write_report(args.out, report)
-    table = format_table(report)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-    return report
+    return rows, ranges, level_ranges
 
 
 def _settings(
@@ -233,19 +241,19 @@ def _measure(
 ) -> dict:
     worlds, level = [], []
     for w in range(len(video)):
-        checks = _alive(video[w], ranges[w], level_ranges[w])  # the statistics once, both ranges
-        alive = checks["alive"]
+        checks = alive(video[w], ranges[w], level_ranges[w])  # the statistics once, both ranges
+        world = checks["alive"]
         level.append(checks["alive_level"])
         worlds.append(
             {
-                "psnr_first32": _finite(psnr(video[w, :FIRST], truth[w, :FIRST])),
-                "psnr_all": _finite(psnr(video[w], truth[w])),
-                "alive": alive["pass"],
-                "nan_frames": alive["nan_frames"],
-                "first_exit": alive["first_exit"],
+                "psnr_first32": finite(psnr(video[w, :FIRST], truth[w, :FIRST])),
+                "psnr_all": finite(psnr(video[w], truth[w])),
+                "alive": world["pass"],
+                "nan_frames": world["nan_frames"],
+                "first_exit": world["first_exit"],
                 **{
                     key: value
-                    for key, value in alive.items()
+                    for key, value in world.items()
                     if key.startswith("per_frame_")
                     or key.endswith(("_frames_in_range", "_frames_below", "_frames_above"))
                 },
@@ -253,14 +261,14 @@ def _measure(
         )
     exits = [w["first_exit"] if w["first_exit"] is not None else len(video[0]) for w in worlds]
     frames = video.shape[0] * video.shape[1]
-    finite = [w["psnr_first32"] for w in worlds if w["psnr_first32"] is not None]
+    psnrs = [w["psnr_first32"] for w in worlds if w["psnr_first32"] is not None]
     return {
         "name": f"t{setting['context_timestep']:g}/{setting['cache']}"
         + ("" if setting["shift"] is None else f"/shift{setting['shift']:g}")
         + ("" if setting["timesteps"] is None else "/ts" + "-".join(f"{t:g}" for t in setting["timesteps"]))
         + ("" if setting["eta"] is None else f"/eta{setting['eta']:g}"),
         **setting,
-        "psnr_first32": statistics.fmean(finite) if finite else None,
+        "psnr_first32": statistics.fmean(psnrs) if psnrs else None,
         "psnr_all": statistics.fmean(
             [w["psnr_all"] for w in worlds if w["psnr_all"] is not None] or [float("nan")]
         ),
@@ -289,9 +297,9 @@ def _shares(worlds: list[dict], frames: int) -> dict:
 
 
 def _winner(rows: list[dict]) -> dict:
-    alive = [r for r in rows if r["alive_worlds"] == r["worlds"] and r["psnr_first32"] is not None]
-    if alive:
-        best = max(alive, key=lambda r: r["psnr_first32"])
+    kept = [r for r in rows if r["alive_worlds"] == r["worlds"] and r["psnr_first32"] is not None]
+    if kept:
+        best = max(kept, key=lambda r: r["psnr_first32"])
         return {"name": best["name"], "reason": "every world alive; highest PSNR over the first 32 frames"}
     best = max(rows, key=lambda r: (r["min_alive_frames"], r["median_alive_frames"]))
     return {"name": best["name"], "reason": "no setting kept every world alive; alive the longest"}

@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0")  # nothing here runs a kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from train_world_model import CONTEXT_FRAMES, Data, Trainer, build_model, evaluate, make_episodes  # noqa: E402
-from world_model_rollout import parse_timesteps  # noqa: E402
+from vidaccel.pipelines.cli import parse_timesteps  # noqa: E402
+from vidaccel.pipelines.training import CONTEXT_FRAMES, Data, Trainer, build_model, evaluate, make_episodes  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

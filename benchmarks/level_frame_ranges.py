@@ -1,7 +1,7 @@
 """Write ``assets/level_frame_ranges.json``: each world's true-frame range for the level check.
 
 The stays-alive check of long rollouts reads "within the range of true frames" two ways: the
-world's own true frames, or any true frame of the level (``world_model_rollout.level_frame_range``).
+world's own true frames, or any true frame of the level (``vidaccel.pipelines.evaluation.level_frame_range``).
 The level's range is the union of :data:`REFERENCE_FRAMES`-frame random walks in many worlds; it
 keeps widening as worlds are added, so the check uses many (``LEVEL_WORLDS``, 512). The game is
 deterministic, so the per-world ranges are computed once, in parallel, and stored:
@@ -17,41 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "0")  # nothing here runs a kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from world_model_rollout import (  # noqa: E402
-    ALIVE_STATISTICS,
+from vidaccel.pipelines.evaluation import (  # noqa: E402
     LEVEL_RANGES,
     LEVEL_WORLDS,
     REFERENCE_FRAMES,
     joined_range,
+    level_ranges,
     stored_walk_ranges,
-    walk_range,
 )
-
 from vidaccel.pipelines.game import LEVELS  # noqa: E402
-
-
-def level_ranges(levels: list[int], worlds: int, workers: int) -> dict:
-    """``{level: {statistic: [[low, high] per world]}}`` for worlds ``0 .. worlds - 1``."""
-    seeds = [seed for _ in levels for seed in range(worlds)]
-    level_of = [level for level in levels for _ in range(worlds)]
-    if workers == 1:  # in this process
-        ranges = list(map(walk_range, seeds, level_of))
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            ranges = list(pool.map(walk_range, seeds, level_of, chunksize=8))
-    out = {}
-    for index, level in enumerate(levels):
-        mine = ranges[index * worlds : (index + 1) * worlds]
-        out[str(level)] = {"name": LEVELS[level], **{k: [r[k] for r in mine] for k in ALIVE_STATISTICS}}
-    return out
 
 
 def main(argv=None) -> dict:
@@ -76,7 +55,7 @@ def main(argv=None) -> dict:
         "reference_frames": REFERENCE_FRAMES,
         "worlds": args.worlds,
         "note": "per level, each world's [low, high] of the per-frame mean, std and edge strength over its "
-        "reference walk (world_model_rollout.walk_range, worlds 0 .. worlds - 1); level_frame_range joins them",
+        "reference walk (vidaccel.pipelines.evaluation.walk_range, worlds 0 .. worlds - 1); level_frame_range joins them",
         "date": datetime.now(timezone.utc).date().isoformat(),
         "levels": level_ranges(levels, args.worlds, args.workers),
     }

@@ -14,7 +14,7 @@ For each setting (row name) that every report holds, one Markdown row: PSNR over
 frames per walk; worlds alive against each world's own range and against the level's (every frame's
 mean, std and edge strength within it; NaN frames fail); the level's alive worlds checking mean and
 std only (the issue's literal two statistics); and the frames outside the level's range per
-statistic, below and above. The counts are the rollout script's ``range_check`` on each world's
+statistic, below and above. The counts are ``vidaccel.pipelines.evaluation.range_check`` on each world's
 per-frame statistics and the report's ranges, so reports written before the bench counted frames
 out pool as well. ``--level-worlds N`` re-checks against the level's range from N worlds' walks
 joined with each world's own (reports written before the level's range came from 512 worlds stored
@@ -25,87 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "0")  # as bench_world_model_long.py: nothing here runs a kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-from world_model_rollout import (  # noqa: E402
-    ALIVE_STATISTICS,
-    frames_out,
-    joined_range,
-    level_frame_range,
-    range_check,
-)
-
-
-def _check(world: dict, bounds: dict) -> dict:
-    """:func:`range_check` of one world's per-frame statistics as a report stores them (``None``:
-    a value that was not finite)."""
-    return range_check(
-        {key: [math.nan if v is None else v for v in world[f"per_frame_{key}"]] for key in ALIVE_STATISTICS},
-        bounds,
-    )
-
-
-def pool(reports: list[dict], name: str) -> dict:
-    """One setting (row ``name``) pooled over ``reports`` (one per action walk)."""
-    walks, psnr32, own, level = [], [], [], []  # own / level: range_check of every world
-    for report in reports:
-        row = next(r for r in report["rows"] if r["name"] == name)
-        walks.append(report["settings"]["seeds_list"][0])
-        psnr32.append(row["psnr_first32"])
-        for world, mine, theirs in zip(
-            row["per_world"], report["ranges"], report["level_ranges"], strict=True
-        ):
-            own.append(_check(world, mine))
-            level.append(_check(world, theirs))
-    frames = sum(len(check["per_frame_mean"]) for check in own)
-    return {
-        "name": name,
-        "walks": walks,
-        "psnr_first32": psnr32,
-        "worlds": len(own),
-        "frames": frames,
-        "world": {
-            "alive_worlds": sum(check["pass"] for check in own),
-            "in_range": {
-                key: sum(check[f"{key}_frames_in_range"] for check in own) / frames
-                for key in ALIVE_STATISTICS
-            },
-        },
-        "level": {
-            "alive_worlds": sum(check["pass"] for check in level),
-            "alive_worlds_mean_std": sum(check["pass_mean_std"] for check in level),
-            "frames_out": frames_out(level),
-            "first_exits": [check["first_exit"] for check in level],
-        },
-    }
-
-
-def pool_reports(reports: list[dict], names: list[str] | None = None) -> list[dict]:
-    """Every setting the reports share (or ``names``), pooled; a ``ValueError`` when a walk repeats or
-    no setting is shared."""
-    walks = [r["settings"]["seeds_list"][0] for r in reports]
-    repeated = sorted({w for w in walks if walks.count(w) > 1})
-    if repeated:
-        raise ValueError(f"each report must be a different action walk; walk(s) {repeated} repeat")
-    shared = [
-        r["name"]
-        for r in reports[0]["rows"]
-        if all(any(x["name"] == r["name"] for x in o["rows"]) for o in reports)
-    ]
-    if names is not None:
-        missing = [n for n in names if n not in shared]
-        if missing:
-            raise ValueError(f"--rows {missing} not in every report; shared: {shared}")
-        shared = names
-    if not shared:
-        raise ValueError("the reports share no setting (row name); pool reports of one sweep")
-    return [pool(reports, name) for name in shared]
+from vidaccel.pipelines.evaluation import ALIVE_STATISTICS, joined_range, level_frame_range, pool_reports  # noqa: E402
 
 
 def format_table(pooled: list[dict]) -> str:

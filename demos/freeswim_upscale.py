@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_wan_demo import _write_videos  # noqa: E402
-
-import vidaccel  # noqa: E402
-from vidaccel.pipelines import FreeSwimWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds  # noqa: E402
+import vidaccel
+from vidaccel.pipelines import FreeSwimWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds
+from vidaccel.pipelines.media import write_clips
 
 TINY_TRAIN_SIZE = (32, 48)
+FPS = 8
+VIEW_SIZE = 256  # the video is upscaled (nearest) to at least this short side
 
 
 def main(argv=None) -> dict:
@@ -56,7 +55,9 @@ def main(argv=None) -> dict:
         output_type="np",
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    written = _write_videos(args.out, {"freeswim": result.frames[0]})
+    written = write_clips(
+        args.out, {"freeswim": result.frames[0]}, fps=FPS, view_size=VIEW_SIZE, gif_fallback=True
+    )
     report = {
         "model": args.model or "tiny (random weights)",
         "size": [args.height, args.width],

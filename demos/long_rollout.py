@@ -29,20 +29,19 @@ and prints a table. Models:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import vidaccel
 from vidaccel.metrics import psnr, relative_error
 from vidaccel.pipelines import CausalWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds
+from vidaccel.pipelines.cli import parse_methods
+from vidaccel.pipelines.media import plot_chunks, write_clips
+from vidaccel.pipelines.runs import timed_chunks
 from vidaccel.pipelines.tiny import WAN21_1_3B_CONFIG
 
 METHODS = ("dense", "window", "tempcache")
@@ -86,7 +85,7 @@ def main(argv=None) -> dict:
             "max_tokens": args.max_tokens,
             "seed": args.seed,
         },
-        "videos": _write_videos(args.out, views),
+        "videos": write_clips(args.out, views, fps=FPS, view_size=VIEW_SIZE),
         "plot": plot_chunks(args.out / "rollout.png", runs),
         "methods": runs,
     }
@@ -115,7 +114,10 @@ def _build(args, device, dtype):
         transformer = WanTransformer3DModel(**WAN21_1_3B_CONFIG).to(device=device, dtype=dtype).eval()
     pipe = CausalWanPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=5.0))
     embeds = torch.randn(
-        1, PROMPT_TOKENS, WAN21_1_3B_CONFIG["text_dim"], generator=torch.Generator().manual_seed(args.seed + 1)
+        1,
+        PROMPT_TOKENS,
+        WAN21_1_3B_CONFIG["text_dim"],
+        generator=torch.Generator().manual_seed(args.seed + 1),
     )
     latent_frames = (args.frames - 1) // VAE_TEMPORAL + 1
     size = (args.height // VAE_SPATIAL, args.width // VAE_SPATIAL, latent_frames)
@@ -182,138 +184,6 @@ def _view(clip: np.ndarray, latent: bool) -> np.ndarray:
     return np.clip((rgb - low) / max(high - low, 1e-6), 0.0, 1.0)
 
 
-def _write_videos(out: Path, clips: dict[str, np.ndarray]) -> dict[str, str]:
-    written = {}
-    for name, frames in clips.items():
-        scale = max(1, math.ceil(VIEW_SIZE / min(frames.shape[1:3])))
-        frames = np.repeat(np.repeat(frames, scale, axis=1), scale, axis=2)
-        frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-        written[name] = write_video(out / f"{name}.mp4", frames, FPS)
-    return written
-
-
-def write_video(path: Path, frames: Iterable[np.ndarray], fps: int) -> str:
-    """Write uint8 RGB frames ``[H, W, 3]`` (all one size; any iterable, consumed one frame at a time)
-    as an mp4: imageio-ffmpeg where it is installed, else OpenCV's ``mp4v`` writer. Returns the file
-    name."""
-    if importlib.util.find_spec("imageio_ffmpeg") is not None:
-        import imageio.v2 as imageio
-
-        with imageio.get_writer(path, fps=fps, macro_block_size=1) as writer:
-            for frame in frames:
-                writer.append_data(frame)
-    else:
-        import cv2
-
-        writer = None
-        for frame in frames:
-            if writer is None:
-                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frame.shape[1::-1])
-            writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV wants BGR
-        if writer is not None:
-            writer.release()
-    return path.name
-
-
-def plot_chunks(path: Path, runs: dict) -> str:
-    """A PNG with three panels over the chunk index: latency (ms), memory (MiB: peak GPU memory on
-    CUDA, else the KV caches' allocated size) and the KV caches' tokens in use (all layers), one line
-    per method."""
-    on_gpu = any(c["peak_gpu_bytes"] is not None for run in runs.values() for c in run["chunks"])
-    memory_key, memory_name = (
-        ("peak_gpu_bytes", "peak GPU memory") if on_gpu else ("kv_cache_bytes", "KV cache")
-    )
-    panels = [
-        (
-            "latency per chunk (ms)",
-            {m: [c["latency_s"] * 1e3 for c in run["chunks"]] for m, run in runs.items()},
-        ),
-        (
-            f"{memory_name} per chunk (MiB)",
-            {m: [c[memory_key] / 2**20 for c in run["chunks"]] for m, run in runs.items()},
-        ),
-        (
-            "KV cache tokens in use (all layers)",
-            {m: [c["kv_cache_tokens"] for c in run["chunks"]] for m, run in runs.items()},
-        ),
-    ]
-    return plot_lines(path, panels, x_label="chunk")
-
-
-SERIES_COLORS = {"dense": (214, 39, 40), "window": (31, 119, 180), "tempcache": (44, 160, 44)}
-"""Fixed colours of the methods every plot shows; other series take :data:`PALETTE` colours in order."""
-PALETTE = ((255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207), (188, 189, 34),
-           (127, 127, 127), (0, 0, 0))  # fmt: skip
-
-
-def plot_lines(
-    path: Path,
-    panels: Sequence[tuple[str, dict[str, Sequence[float]]]],
-    *,
-    x_label: str,
-    from_zero: bool = True,
-    colors: dict[str, tuple[int, int, int]] | None = None,
-) -> str:
-    """Draw line panels side by side into a PNG with PIL (no plotting dependency); returns the file name.
-
-    Args:
-        panels: ``(title, {series name: y values at x = 0, 1, ...})`` per panel; one colour per series
-            name across panels (``colors``, then :data:`SERIES_COLORS`, then :data:`PALETTE` in order),
-            one legend below. Non-finite values (inf, NaN) are left out of the lines and the scale.
-        x_label: the x axis' name (``"chunk"``, ``"frame"``).
-        from_zero: start every y axis at 0; ``False`` spans the data's range.
-    """
-    names = list(dict.fromkeys(name for _, series in panels for name in series))
-    palette = iter(PALETTE * (len(names) // len(PALETTE) + 1))
-    known = {**SERIES_COLORS, **(colors or {})}
-    color = {name: known[name] if name in known else next(palette) for name in names}
-    width, height, margin = 560, 320, 56
-    per_row = max(1, (width * len(panels) - margin) // 150)  # legend entries per row
-    legend_rows = math.ceil(len(names) / per_row)
-    image = Image.new("RGB", (width * len(panels), height + 10 + 20 * legend_rows), "white")
-    draw = ImageDraw.Draw(image)
-    for index, (title, series) in enumerate(panels):
-        left, right, top, bottom = index * width + margin, (index + 1) * width - 16, 28, height - 30
-        finite = [v for values in series.values() for v in values if math.isfinite(v)]
-        high = max(finite, default=1.0)
-        low = 0.0 if from_zero else min(finite, default=0.0)
-        pad = (high - low) * 0.1 or abs(high) * 0.1 or 1.0
-        low, high = (0.0 if from_zero else low - pad), high + pad
-        count = max((len(values) for values in series.values()), default=1)
-        draw.text((left, 8), title, fill="black")
-        draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
-        for tick in range(5):
-            y = bottom - (bottom - top) * tick / 4
-            draw.text((index * width + 4, y - 6), f"{low + (high - low) * tick / 4:.4g}", fill="black")
-        draw.text((left, bottom + 4), "0", fill="black")
-        draw.text((right - 24, bottom + 4), str(count - 1), fill="black")
-        draw.text(((left + right) // 2 - 20, bottom + 6), x_label, fill="black")
-
-        def point(i, v, left=left, right=right, top=top, bottom=bottom, low=low, high=high, count=count):
-            return left + (right - left) * i / max(count - 1, 1), bottom - (bottom - top) * (v - low) / (
-                high - low
-            )
-
-        for name, values in series.items():
-            segment = []
-            for i, v in enumerate([*values, math.nan]):  # a NaN ends every segment
-                if math.isfinite(v):
-                    segment.append(point(i, v))
-                    continue
-                if len(segment) > 1:
-                    draw.line(segment, fill=color[name], width=2)
-                if count <= 64:
-                    for x, y in segment:
-                        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color[name])
-                segment = []
-    for slot, name in enumerate(names):
-        x, y = margin + 150 * (slot % per_row), height + 16 + 20 * (slot // per_row)
-        draw.line([(x, y), (x + 18, y)], fill=color[name], width=3)
-        draw.text((x + 24, y - 6), name, fill=color[name])
-    image.save(path)
-    return path.name
-
-
 def _table(report: dict) -> str:
     lines = [
         f"long rollout: {report['model']} model ({report['video']}), {report['device']} {report['dtype']}, "
@@ -332,49 +202,6 @@ def _table(report: dict) -> str:
             f"{chunks[-1]['kv_cache_bytes'] / 2**20:>9.2f} {shown:>20}"
         )
     return "\n".join(lines)
-
-
-def timed_chunks(pipe: CausalWanPipeline, stream, device: torch.device) -> tuple[list[dict], list]:
-    """Consume ``stream`` (``pipe.stream(...)``), timing each chunk: ``-> (records, chunk outputs)``.
-
-    A record per chunk: ``chunk`` (index), ``latency_s`` (wall time from the previous chunk's arrival,
-    CUDA-synchronised; the first includes the rollout's set-up), ``kv_cache_bytes`` (all layers' caches
-    after the chunk), ``kv_cache_tokens`` (their tokens, summed over layers), ``kv_cache_tokens_per_layer``
-    and ``merge_rate`` (the first layer's cache; the
-    merge rate only for a merging cache, else ``None``) and ``peak_gpu_bytes`` (peak allocated memory
-    during the chunk; ``None`` off CUDA)."""
-    chunks, pieces = [], []
-    cuda = device.type == "cuda"
-    _sync(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for out in stream:
-        _sync(device)
-        now = time.perf_counter()
-        cache = pipe.kv_cache_stats()
-        first_layer = cache.get("first_layer", {})
-        chunks.append(
-            {
-                "chunk": len(chunks),
-                "latency_s": now - start,
-                "kv_cache_bytes": cache.get("nbytes", 0),
-                "kv_cache_tokens": cache.get("tokens", 0),
-                "kv_cache_tokens_per_layer": first_layer.get("tokens", 0),
-                "merge_rate": first_layer.get("merge_rate"),
-                "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
-            }
-        )
-        pieces.append(out.frames)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-    return chunks, pieces
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _parse_args(argv):
@@ -428,34 +255,6 @@ def _parse_args(argv):
     args.window_frames = args.window_frames or (3 if args.tiny else 21)
     args.sink_frames = args.sink_frames if args.sink_frames is not None else (1 if args.tiny else 3)
     return args
-
-
-def parse_methods(spec: str, known: Sequence[str], *, combinable: Sequence[str] = ()) -> list[str]:
-    """``"dense,tempcache,annsa+tempcache"`` → ``["dense", "tempcache", "annsa+tempcache"]``.
-
-    Each comma-separated item is one of ``known``, or (when ``combinable`` is given) several names of
-    ``combinable`` joined by ``+`` (a combination, run together). Raises ``ValueError`` naming the bad
-    item and the allowed names for an unknown name, a name repeated within a combination, a repeated
-    item or an empty list.
-    """
-    methods = [item.strip() for item in spec.split(",") if item.strip()]
-    allowed = f"a comma-separated list of {', '.join(known)}" + (
-        f" and '+'-joined combinations of {', '.join(combinable)}" if combinable else ""
-    )
-    if not methods:
-        raise ValueError(f"--methods must be {allowed}, got {spec!r}")
-    for method in methods:
-        parts = [part.strip() for part in method.split("+")]
-        ok = (
-            method in known
-            if len(parts) == 1
-            else all(p in combinable for p in parts) and len(set(parts)) == len(parts)
-        )
-        if not ok:
-            raise ValueError(f"--methods must be {allowed}; {method!r} is not")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"--methods lists a method twice: {spec!r}")
-    return ["+".join(part.strip() for part in method.split("+")) for method in methods]
 
 
 if __name__ == "__main__":

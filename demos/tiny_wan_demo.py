@@ -21,7 +21,6 @@ stays within the rounding floor. Later methods (AnnSA, FreeSwim, ...) and a real
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
@@ -36,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import vidaccel
 from vidaccel.metrics import psnr, ssim
 from vidaccel.pipelines import build_tiny_wan_pipeline, tiny_prompt_embeds
+from vidaccel.pipelines.media import write_clips
 
 GUIDANCE_SCALE = 5.0
 # Heads of 64 dims, so that on CUDA vidaccel's Triton kernel (head dims 64 and 128) serves the calls.
@@ -55,40 +55,14 @@ def main(argv=None) -> dict:
         seed=args.seed, num_layers=LAYERS, heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, device=device
     )
     pipe.set_progress_bar_config(disable=True)
-    prompt, negative = (
-        tiny_prompt_embeds(pipe, seed=args.seed + 1),
-        tiny_prompt_embeds(pipe, seed=args.seed + 2),
-    )
+    (stock, stock_s), (floor, floor_s), (accel, accel_s), notes = _generate_all(pipe, args, device)
 
-    def generate(steps):
-        return pipe(
-            prompt_embeds=prompt,
-            negative_prompt_embeds=negative,
-            height=args.height,
-            width=args.width,
-            num_frames=args.frames,
-            num_inference_steps=steps,
-            guidance_scale=GUIDANCE_SCALE,
-            generator=torch.Generator(device).manual_seed(args.seed),
-            output_type="np",
-        ).frames[0]  # [T, H, W, C] float32 in [0, 1]
-
-    stock, stock_s = _timed(generate, args.steps, args.repeats, device)
-    # Another exact attention (PyTorch's math backend) gives the rounding floor the vidaccel clip is
-    # judged against: in bf16 with guidance, rounding alone moves a random tiny model visibly.
-    with sdpa_kernel(SDPBackend.MATH):
-        floor, floor_s = _timed(generate, args.steps, args.repeats, device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        vidaccel.apply(pipe)
-        try:
-            accel, accel_s = _timed(generate, args.steps, args.repeats, device)
-        finally:
-            vidaccel.remove(pipe)
-    notes = sorted({str(w.message) for w in caught if "vidaccel" in str(w.message)})
-
-    videos = _write_videos(
-        args.out, {"stock": stock, "vidaccel": accel, "side_by_side": np.concatenate([stock, accel], axis=2)}
+    videos = write_clips(
+        args.out,
+        {"stock": stock, "vidaccel": accel, "side_by_side": np.concatenate([stock, accel], axis=2)},
+        fps=FPS,
+        view_size=VIEW_SIZE,
+        gif_fallback=True,
     )
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -166,6 +140,44 @@ def _parse_args(argv):
     return args
 
 
+def _generate_all(pipe, args, device):
+    """The stock, the SDPA-math and the vidaccel generations, each ``(frames, median seconds)``, and
+    the vidaccel warnings raised meanwhile."""
+    prompt, negative = (
+        tiny_prompt_embeds(pipe, seed=args.seed + 1),
+        tiny_prompt_embeds(pipe, seed=args.seed + 2),
+    )
+
+    def generate(steps):
+        return pipe(
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE_SCALE,
+            generator=torch.Generator(device).manual_seed(args.seed),
+            output_type="np",
+        ).frames[0]  # [T, H, W, C] float32 in [0, 1]
+
+    stock, stock_s = _timed(generate, args.steps, args.repeats, device)
+    # Another exact attention (PyTorch's math backend) gives the rounding floor the vidaccel clip is
+    # judged against: in bf16 with guidance, rounding alone moves a random tiny model visibly.
+    with sdpa_kernel(SDPBackend.MATH):
+        floor, floor_s = _timed(generate, args.steps, args.repeats, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vidaccel.apply(pipe)
+        try:
+            accel, accel_s = _timed(generate, args.steps, args.repeats, device)
+        finally:
+            vidaccel.remove(pipe)
+    notes = sorted({str(w.message) for w in caught if "vidaccel" in str(w.message)})
+
+    return (stock, stock_s), (floor, floor_s), (accel, accel_s), notes
+
+
 def _timed(generate, steps, repeats, device):
     """One untimed generation (first-call costs: kernel compilation, allocator and thread-pool
     warm-up), then the median wall time of ``repeats`` generations; returns (frames, seconds)."""
@@ -183,24 +195,6 @@ def _timed(generate, steps, repeats, device):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _write_videos(out: Path, clips: dict[str, np.ndarray]) -> dict[str, str]:
-    import imageio.v2 as imageio
-
-    suffix = ".mp4" if importlib.util.find_spec("imageio_ffmpeg") is not None else ".gif"
-    written = {}
-    for name, frames in clips.items():
-        scale = max(1, math.ceil(VIEW_SIZE / min(frames.shape[1:3])))
-        frames = np.repeat(np.repeat(frames, scale, axis=1), scale, axis=2)
-        frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-        path = out / f"{name}{suffix}"
-        if suffix == ".mp4":
-            imageio.mimwrite(path, list(frames), fps=FPS, macro_block_size=1)
-        else:
-            imageio.mimwrite(path, list(frames), duration=1000 / FPS, loop=0)
-        written[name] = path.name
-    return written
 
 
 def _token_grid(pipe, args) -> list[int]:

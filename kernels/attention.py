@@ -188,12 +188,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
 
 
 # Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA for K/V) by (head dim, fp32 or not), best
-# first; the first whose tiles divide the plan's block size is used. Measured on an H200 with
-# benchmarks/tune_attention.py (bf16, 12 heads, 32,760 and 75,600 tokens): for D=128 (128, 128, 8, 3)
-# with TMA ran 13.6 ms vs 14.3 without and 16.1 for (128, 64, 8, 3); for D=64, (128, 128, 4, 3)
-# without TMA ran 7.8 ms dense and 9.0 with a key bias (14.0 with TMA). Triton 3.6's warp-specialised
-# key loop gave 13.45 ms for the D=128 winner (within noise) and failed to compile for BLOCK_M=128
-# with 4 warps, so the loop is not warp-specialised.
+# first; the first whose tiles divide the plan's block size is used. Chosen on an H200 with
+# benchmarks/tune_attention.py; the timings behind the order: benchmarks/results/attention_tiles.md.
 _CUDA_TILES = {
     (128, False): [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (64, 64, 4, 3, True), (64, 32, 4, 3, True),
                    (32, 32, 4, 2, True)],

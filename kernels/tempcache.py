@@ -9,9 +9,10 @@
   representative in a free or evicted slot (count 1).
 
 Layers (house style): ``_tempcache_match_kernel`` / ``_tempcache_merge_kernel`` (Triton only),
-``tempcache_match_fwd`` / ``tempcache_merge_fwd`` (launchers), the public ``tempcache_match`` /
-``tempcache_merge`` that choose kernel or reference, and ``tempcache_match_reference`` /
-``tempcache_merge_reference`` (pure PyTorch, fp32 math: the CPU fallback and the test oracle).
+``tempcache_match_fwd`` / ``tempcache_merge_fwd`` (launchers), ``tempcache_match_reference`` /
+``tempcache_merge_reference`` (pure PyTorch, fp32 math: the CPU fallback and the test oracle) and
+the declared check ``unsupported_reason``. :func:`vidaccel.ops.tempcache_match` /
+:func:`vidaccel.ops.tempcache_merge` choose kernel or reference (and document the arguments).
 Everything stays on the device; nothing here synchronises with the host. Cache updates run once per
 chunk outside any compiled graph, so these launchers are not wrapped as torch custom ops.
 
@@ -21,23 +22,19 @@ Layouts: representatives ``[B, C, H, D]`` (batch-major like the KV cache), per-h
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import triton
 import triton.language as tl
 
 __all__ = [
-    "tempcache_match",
+    "check_match",
     "tempcache_match_fwd",
     "tempcache_match_reference",
-    "tempcache_merge",
     "tempcache_merge_fwd",
     "tempcache_merge_reference",
+    "unsupported_reason",
 ]
 
-_warned: set[str] = set()
 # (BLOCK_M, BLOCK_N, num_warps) of the match kernel; the interpreter runs one program at a time, so
 # small tiles keep tiny tests exhaustive.
 _MATCH_TILES = {"cuda": (64, 64, 4), "interpreter": (16, 16, 1)}
@@ -45,48 +42,6 @@ _NO_SLOT = 2**31 - 1  # sorts after every real slot; becomes -1 ("no candidate")
 
 
 # ---------------------------------------------------------------------------------------------- match
-
-
-def tempcache_match(
-    keys: torch.Tensor,
-    reps: torch.Tensor,
-    *,
-    slot_map: torch.Tensor | None = None,
-    num_reps: torch.Tensor | None = None,
-    start: int = 0,
-    width: int = 1,
-    radius: int = -1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best candidate representative of each new key by cosine similarity.
-
-    Args:
-        keys: L2-normalised new keys ``[B, S, H, D]`` (one frame, raster order).
-        reps: L2-normalised representative keys ``[B, C, H, D]`` (the cache's match keys).
-        slot_map: int32 ``[B, H, M]``: candidate ``j`` is slot ``slot_map[b, h, j]`` (``-1``: none);
-            ``j`` is a grid position of the previous frame (``M`` = tokens per frame). Exclusive with
-            ``num_reps``.
-        num_reps: int32 ``[B, H]``: candidates are the slots ``start <= c < num_reps[b, h]``.
-        start: first candidate slot with ``num_reps`` (e.g. the first slot after the sinks).
-        width: grid width (tokens per row), used with ``slot_map`` and ``radius >= 0``.
-        radius: with ``slot_map``, keep only candidates within ``radius`` rows and columns of the key's
-            own grid position (``-1``: the whole map).
-
-    Returns ``(best_sim fp32 [B, H, S], best_slot int32 [B, H, S])``; ``best_slot = -1`` and
-    ``best_sim = -inf`` where a key has no candidate. Ties go to the lowest slot.
-
-    Example::
-
-        sim, slot = tempcache_match(k_new, cache_keys, slot_map=previous_frame_slots, width=52, radius=2)
-        merge = (slot >= 0) & (sim >= 0.95)
-    """
-    _check_match(keys, reps, slot_map, num_reps)
-    if _use_kernel(keys, "tempcache_match"):
-        return tempcache_match_fwd(
-            keys, reps, slot_map=slot_map, num_reps=num_reps, start=start, width=width, radius=radius
-        )
-    return tempcache_match_reference(
-        keys, reps, slot_map=slot_map, num_reps=num_reps, start=start, width=width, radius=radius
-    )
 
 
 def tempcache_match_reference(keys, reps, *, slot_map=None, num_reps=None, start=0, width=1, radius=-1):
@@ -246,48 +201,6 @@ def _tempcache_match_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- merge
-
-
-def tempcache_merge(
-    rep_k: torch.Tensor,
-    rep_v: torch.Tensor,
-    rep_m: torch.Tensor,
-    count: torch.Tensor,
-    log_count: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    m: torch.Tensor,
-    slot: torch.Tensor,
-    merge: torch.Tensor,
-    sim: torch.Tensor,
-) -> None:
-    """Write one frame's keys into the representatives, in place.
-
-    Args:
-        rep_k: representative keys ``[B, C, H, D]`` (post-rotary: what attention sees).
-        rep_v: representative values ``[B, C, H, Dv]`` (the running mean of the merged values).
-        rep_m: representative match keys ``[B, C, H, D]`` (normalised).
-        count: int32 ``[B, H, C]``: keys merged into each representative.
-        log_count: fp32 ``[B, H, C']`` with ``C' >= C``: ``log(count)``, the attention bias.
-        k, v, m: the frame's keys ``[B, S, H, D]``, values ``[B, S, H, Dv]``, match keys ``[B, S, H, D]``.
-        slot: int32/int64 ``[B, H, S]``: the slot each key goes to (``0 <= slot < C``).
-        merge: bool ``[B, H, S]``: ``True`` merges into the representative at ``slot``; ``False``
-            starts a new representative there (count 1, replacing whatever the slot held). A slot
-            receives either merging keys only or exactly one new key.
-        sim: fp32 ``[B, H, S]``: each key's match similarity.
-
-    Several keys merging into one representative in the same call all count (deterministically):
-    ``count += n``, ``value = (count_old * value + sum of the n values) / (count_old + n)``, and the
-    representative takes the key (and match key) with the highest ``sim``, ties to the lowest token.
-
-    Example::
-
-        tempcache_merge(ck, cv, cm, count, bias, k, v, m, slot=where(merge, target, free_slot), merge=merge, sim=sim)
-    """
-    if _use_kernel(k, "tempcache_merge"):
-        tempcache_merge_fwd(rep_k, rep_v, rep_m, count, log_count, k, v, m, slot, merge, sim)
-    else:
-        tempcache_merge_reference(rep_k, rep_v, rep_m, count, log_count, k, v, m, slot, merge, sim)
 
 
 def tempcache_merge_reference(rep_k, rep_v, rep_m, count, log_count, k, v, m, slot, merge, sim) -> None:
@@ -481,23 +394,15 @@ def _tempcache_merge_kernel(
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _use_kernel(t: torch.Tensor, op: str) -> bool:
-    """The Triton kernel serves CUDA tensors (and CPU ones in the interpreter), fp16/bf16/fp32; the
-    reference serves the rest, with one warning per reason."""
-    if t.dtype == torch.float64:
-        reason = "dtype torch.float64 (kernel: fp16, bf16, fp32)"
-    elif not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        reason = f"tensors on {t.device.type} (the Triton kernels run on CUDA)"
-    else:
-        return True
-    message = f"vidaccel.kernels.tempcache.{op}: running the PyTorch reference instead of the Triton kernel: {reason}"
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
-    return False
+def unsupported_reason(t: torch.Tensor) -> str | None:
+    """Why the TempCache kernels cannot serve a frame's keys ``t`` (None when they can): they take
+    fp16, bf16 and fp32; :mod:`vidaccel.ops` runs the reference otherwise."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {t.dtype} (kernel: fp16, bf16, fp32)"
+    return None
 
 
-def _check_match(keys, reps, slot_map, num_reps) -> None:
+def check_match(keys, reps, slot_map, num_reps) -> None:
     if (
         keys.dim() != 4
         or reps.dim() != 4

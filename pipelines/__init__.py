@@ -5,7 +5,7 @@ refinement above the training size), ``WorldModelPipeline`` (the game world mode
 and the tiny from-config Wan pipelines of the tests and ``make demo``.
 """
 
-from .causal_wan import CausalWanPipeline, RolloutState
+from .causal_wan import CausalWanPipeline, RolloutOptions, RolloutState
 from .freeswim import FreeSwimWanPipeline, FreeSwimWanPipelineOutput
 from .game import ACTIONS, GameEnv, parse_actions, random_actions, scripted_actions
 from .tiny import build_tiny_wan_pipeline, tiny_prompt_embeds
@@ -31,6 +31,7 @@ __all__ = [
     "CausalWanPipeline",
     "FreeSwimWanPipeline",
     "FreeSwimWanPipelineOutput",
+    "RolloutOptions",
     "RolloutState",
     "build_tiny_wan_pipeline",
     "tiny_prompt_embeds",

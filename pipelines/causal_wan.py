@@ -33,34 +33,41 @@ is not learned, so rollouts longer than ``rope_max_seq_len`` frames extend it). 
 after rotary embedding, so each keeps the position it was committed at.
 
 **Decoding.** Chunks are decoded one by one with the Wan VAE's causal feature cache carried from
-chunk to chunk (:func:`decode_latent_chunk`), which makes the chunked decode equal to decoding the
+chunk to chunk (:func:`~vidaccel.pipelines.sampling.decode_latent_chunk`), which makes the chunked decode equal to decoding the
 whole latent at once; ``__call__`` and ``stream`` share that path and agree frame for frame.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import torch
 from diffusers import DiffusionPipeline, WanTransformer3DModel
-from diffusers.models.autoencoders import autoencoder_kl_wan
-from diffusers.models.embeddings import get_1d_rotary_pos_embed
-from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from vidaccel.cache import DenseKVCache, KVCache, RollingKVCache
 from vidaccel.processors import AccelProcessor, DenseProcessor, WanAdapter
+from vidaccel.rollout import RolloutState, kv_cache_of, set_rollout
 from vidaccel.state import StepContext, attach_context
+
+from .rollout_options import RolloutOptions
+from .sampling import (
+    check_denoising_timesteps,
+    check_eta,
+    decode_latent_chunk,
+    flow_sigmas,
+    renoise_noise,
+    rotary_emb_at,
+    rotary_emb_frames,
+)
 
 __all__ = [
     "CausalWanPipeline",
     "ChunkConditioning",
+    "RolloutOptions",
     "RolloutState",
     "check_denoising_timesteps",
     "check_eta",
@@ -70,48 +77,7 @@ __all__ = [
     "rotary_emb_frames",
 ]
 
-WAN_ROPE_THETA = 10000.0
-"""Base of Wan's rotary frequencies (``WanRotaryPosEmbed`` uses its default)."""
-
-_OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 _MAX_SEQUENCE_LENGTH = 512  # Wan pads T5 prompts to 512 tokens
-
-
-@dataclass
-class RolloutState:
-    """What a :class:`CausalWanPipeline` tells the processors about the rollout, in
-    ``context.pipeline_state["rollout"]`` for the length of one generation.
-
-    Attributes:
-        chunk_frames: latent frames per chunk.
-        num_chunks: chunks of the rollout (the last may be trimmed after generation).
-        tokens_per_frame: tokens of one latent frame (``H/p_h * W/p_w``).
-        make_cache: makes the KV cache of one self-attention module when no method of the
-            processor makes its own (``AccelProcessor.make_kv_cache``): ``DenseKVCache`` sized for the
-            rollout, or ``RollingKVCache`` for the rolling-window baseline.
-        frame_offset: absolute latent frame of the current chunk's first frame.
-        frame_index: long ``[S]`` on the model's device: the absolute latent frame of each token of
-            the current chunk (raster order), passed to ``KVCache.commit``.
-        steps_per_chunk: denoising steps of every chunk (``context.chunk_step`` runs from 0 to this
-            minus 1), or ``None`` where unknown.
-        committed_tokens: the most tokens the rollout commits to one layer's cache (every chunk but
-            the last), which sizes the dense cache and bounds TempCache's; ``None`` where unknown.
-    """
-
-    chunk_frames: int
-    num_chunks: int
-    tokens_per_frame: int
-    make_cache: Callable[[], KVCache]
-    frame_offset: int = 0
-    frame_index: torch.Tensor | None = field(default=None, repr=False)
-    steps_per_chunk: int | None = None
-    committed_tokens: int | None = None
-
-    def enter_chunk(self, chunk_index: int, device: torch.device) -> None:
-        """Point the state at chunk ``chunk_index``: its frame offset and token frame indices."""
-        self.frame_offset = chunk_index * self.chunk_frames
-        frames = torch.arange(self.frame_offset, self.frame_offset + self.chunk_frames, device=device)
-        self.frame_index = frames.repeat_interleave(self.tokens_per_frame)
 
 
 class ChunkConditioning:
@@ -201,9 +167,7 @@ class CausalWanPipeline(DiffusionPipeline):
         chunks of :meth:`stream`): ``{"layers", "nbytes", "tokens"}`` plus the first layer's
         ``stats()`` under ``"first_layer"``. Empty outside a generation."""
         context = self._step_context()
-        caches = [
-            context.module_state(attn).get("kv_cache") for attn in WanAdapter().layers(self.transformer)
-        ]
+        caches = [kv_cache_of(context, attn) for attn in WanAdapter().layers(self.transformer)]
         caches = [cache for cache in caches if cache is not None]
         if not caches:
             return {}
@@ -216,91 +180,48 @@ class CausalWanPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        *,
-        prompt_embeds: torch.Tensor | None = None,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
-        chunk_frames: int = 3,
-        denoising_timesteps: Sequence[float] = (1000, 750, 500, 250),
-        shift: float = 5.0,
-        eta: float = 1.0,
-        context_timestep: float = 0,
-        max_cache_frames: int | None = None,
-        sink_frames: int = 0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "np",
-        return_dict: bool = True,
+        self, prompt: str | list[str] | None = None, *, return_dict: bool = True, **options
     ) -> WanPipelineOutput | tuple:
         """Generate a whole video, chunk by chunk.
 
         Args:
-            prompt: text prompt(s) (needs ``text_encoder`` and ``tokenizer``), or ``None`` with
-                ``prompt_embeds`` ``[B, L, text_dim]``.
-            height, width: output size in pixels (multiples of the VAE's spatial factor times the
-                transformer's patch).
-            num_frames: output frames, as in diffusers' Wan pipelines (``4k + 1`` with the Wan VAE;
-                others are rounded down with a warning). Latent frames: ``(num_frames - 1) // 4 + 1``.
-            chunk_frames: latent frames per chunk; a last partial chunk is generated at full size and
-                trimmed, so it changes nothing before it.
-            denoising_timesteps: decreasing timesteps in ``(0, 1000]`` before the shift.
-            shift: flow shift of the sigmas (> 0).
-            eta: the share of fresh noise when a step re-noises its clean estimate, in ``[0, 1]``:
-                ``1`` (Self-Forcing's sampler) re-noises with fresh noise; ``0`` re-noises with the
-                model's own noise estimate, which makes each step the Euler step of the flow ODE (as
-                diffusers' ``FlowMatchEulerDiscreteScheduler`` steps); between, the noise is
-                ``eta * fresh + sqrt(1 - eta**2) * estimate``.
-            context_timestep: timestep in ``[0, 1000]`` of the commit pass that writes a finished
-                chunk into the KV cache (``0``: the clean chunk; above, re-noised to that sigma).
-            max_cache_frames, sink_frames: Self-Forcing's rolling-window baseline: the KV cache holds
-                at most ``max_cache_frames`` earlier latent frames, the first ``sink_frames`` of them
-                kept for the whole rollout. ``None``: the whole past. Not combinable with TempCache,
-                which has its own sinks and budget.
-            generator: seeds the noise (drawn chunk by chunk).
-            output_type: ``"np"`` (``[B, F, H, W, 3]`` floats in ``[0, 1]``), ``"pil"``, ``"pt"``
-                (``[B, F, 3, H, W]``) or ``"latent"`` (``[B, C, F_latent, h, w]``).
+            prompt, **options: the rollout's :class:`RolloutOptions` (``prompt_embeds``, ``height``,
+                ``width``, ``num_frames``, ``chunk_frames``, ``denoising_timesteps``, ``shift``,
+                ``eta``, ``context_timestep``, ``max_cache_frames``, ``sink_frames``, ``generator``,
+                ``output_type``), or ``options=`` one ``RolloutOptions``.
             return_dict: return a ``WanPipelineOutput`` rather than a tuple.
 
         Returns ``WanPipelineOutput(frames=video)`` or ``(video,)``. Raises ``ValueError`` for a bad
         argument.
         """
-        chunks = self._rollout(
-            prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
-            shift, eta, context_timestep, max_cache_frames, sink_frames, generator, output_type,
-        )  # fmt: skip
-        return self._collected(chunks, output_type, return_dict)
+        rollout = self.rollout_options(prompt, **options)
+        return self._collected(self._rollout(rollout), rollout.output_type, return_dict)
 
     def stream(
-        self,
-        prompt: str | list[str] | None = None,
-        *,
-        prompt_embeds: torch.Tensor | None = None,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
-        chunk_frames: int = 3,
-        denoising_timesteps: Sequence[float] = (1000, 750, 500, 250),
-        shift: float = 5.0,
-        eta: float = 1.0,
-        context_timestep: float = 0,
-        max_cache_frames: int | None = None,
-        sink_frames: int = 0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "np",
-        return_dict: bool = True,
+        self, prompt: str | list[str] | None = None, *, return_dict: bool = True, **options
     ) -> Iterator[WanPipelineOutput | tuple]:
         """Generate like :meth:`__call__` (same arguments) and yield each chunk as soon as it is
         decoded: ``WanPipelineOutput(frames=chunk)`` (or ``(chunk,)``), the chunk's frames in the
         layout of ``output_type``. Concatenated along frames they equal ``__call__``'s video. The
         arguments are checked at this call; stopping early (``close()``, ``break``) releases the KV
         caches like a finished generation."""
-        chunks = self._rollout(
-            prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
-            shift, eta, context_timestep, max_cache_frames, sink_frames, generator, output_type,
-        )  # fmt: skip
-        return self._postprocessed(chunks, output_type, return_dict)
+        rollout = self.rollout_options(prompt, **options)
+        return self._postprocessed(self._rollout(rollout), rollout.output_type, return_dict)
+
+    @staticmethod
+    def rollout_options(prompt=None, *, options: RolloutOptions | None = None, **fields) -> RolloutOptions:
+        """The :class:`RolloutOptions` of a call: ``options`` as given, or made from ``prompt`` and
+        ``fields`` (an unknown name raises ``ValueError`` listing the allowed ones)."""
+        if options is not None:
+            if prompt is not None or fields:
+                raise ValueError("pass either options=RolloutOptions(...) or its fields, not both")
+            return options
+        unknown = sorted(set(fields) - set(RolloutOptions.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"unknown rollout argument(s) {unknown}; allowed: {', '.join(RolloutOptions.__dataclass_fields__)}"
+            )
+        return RolloutOptions(prompt=prompt, **fields)
 
     @torch.no_grad()
     def _collected(self, chunks: Iterator[torch.Tensor], output_type: str, return_dict: bool):
@@ -343,138 +264,48 @@ class CausalWanPipeline(DiffusionPipeline):
         return embeds * mask[..., None].to(embeds.dtype)
 
     def _rollout(
-        self,
-        prompt,
-        prompt_embeds,
-        height,
-        width,
-        num_frames,
-        chunk_frames,
-        denoising_timesteps,
-        shift,
-        eta,
-        context_timestep,
-        max_cache_frames,
-        sink_frames,
-        generator,
-        output_type,
-        conditioning: ChunkConditioning | None = None,
+        self, options: RolloutOptions, conditioning: ChunkConditioning | None = None
     ) -> Iterator[torch.Tensor]:
-        """Check the arguments now, and return the generator of the chunks: latents ``[B, C, f, h, w]``
-        for ``output_type="latent"``, else decoded frames ``[B, 3, f, H, W]`` in ``[-1, 1]``.
-        ``conditioning`` (subclasses' hook) sets the model input and the context frames."""
+        """Check ``options`` against this pipeline now, and return the generator of the chunks: latents
+        ``[B, C, f, h, w]`` for ``output_type="latent"``, else decoded frames ``[B, 3, f, H, W]`` in
+        ``[-1, 1]``. ``conditioning`` (subclasses' hook) sets the model input and the context frames."""
         context = self._step_context()
-        geometry = self._check_inputs(
-            prompt, prompt_embeds, height, width, num_frames, chunk_frames, denoising_timesteps,
-            shift, eta, context_timestep, max_cache_frames, sink_frames, output_type,
-        )  # fmt: skip
         conditioning = conditioning or ChunkConditioning()
-        latent_frames, (channels, *chunk_shape), tokens_per_frame = geometry
+        latent_frames, (channels, *chunk_shape), tokens_per_frame = self._geometry(options)
         if conditioning.latent_channels is not None:
             channels = conditioning.latent_channels
+        chunk_frames = options.chunk_frames
         if conditioning.context is not None and conditioning.context.shape[2] % chunk_frames:
             raise ValueError(
                 f"the context frames must be a multiple of chunk_frames = {chunk_frames}, got {conditioning.context.shape[2]}"
             )
         geometry = (latent_frames, (channels, *chunk_shape), tokens_per_frame)
-        return self._generate(
-            context, geometry, prompt, prompt_embeds, chunk_frames, flow_sigmas(denoising_timesteps, shift),
-            float(eta), context_timestep, max_cache_frames, sink_frames, generator, output_type, conditioning,
-        )  # fmt: skip
+        return self._generate(context, geometry, options, conditioning)
 
     @torch.no_grad()
     def _generate(
         self,
         context: StepContext,
         geometry: tuple[int, tuple[int, int, int, int], int],
-        prompt,
-        prompt_embeds,
-        chunk_frames: int,
-        sigmas: list[float],
-        eta: float,
-        context_timestep: float,
-        max_cache_frames: int | None,
-        sink_frames: int,
-        generator,
-        output_type: str,
+        options: RolloutOptions,
         conditioning: ChunkConditioning,
     ) -> Iterator[torch.Tensor]:
         """The rollout; releases every cache when it ends or is closed."""
-        device = self._execution_device
-        transformer_dtype = self.transformer.dtype
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompt, device)
-        prompt_embeds = prompt_embeds.to(device=device, dtype=transformer_dtype)
-        batch = prompt_embeds.shape[0]
-
-        latent_frames, chunk_shape, tokens_per_frame = geometry
-        prefill = conditioning.context
-        context_chunks = 0 if prefill is None else prefill.shape[2] // chunk_frames
-        num_chunks = context_chunks + math.ceil(latent_frames / chunk_frames)
-        chunk_shape = (batch, *chunk_shape)
-        context.reset()
-        # every chunk but the last is committed to each layer's cache
-        committed_tokens = (num_chunks - 1) * chunk_frames * tokens_per_frame
-        rollout = RolloutState(
-            chunk_frames,
-            num_chunks,
-            tokens_per_frame,
-            _default_cache_factory(max_cache_frames, sink_frames, committed_tokens),
-            steps_per_chunk=len(sigmas),
-            committed_tokens=committed_tokens,
-        )
-        context.pipeline_state["rollout"] = rollout
-        context.reset_on_timestep_jump = False
-        rope = self.transformer.rope
-        rope_hook = rope.register_forward_hook(
-            lambda module, args, output: rotary_emb_at(module, args[0].shape[2:], rollout.frame_offset)
-        )
+        run = _Rollout(self, context, geometry, options, conditioning)
         vae_cache: list | None = None
-
-        def forward(latents: torch.Tensor, sigma: float) -> torch.Tensor:
-            timestep = torch.full((batch,), 1000.0 * sigma, device=device)
-            inputs = conditioning.model_input(latents, rollout.frame_offset)
-            return self.transformer(inputs.to(transformer_dtype), timestep, prompt_embeds, return_dict=False)[
-                0
-            ]
-
         try:
-            for chunk in range(context_chunks):
-                rollout.enter_chunk(chunk, device)
-                context.chunk_index, context.phase, context.chunk_step = chunk, "commit", None
-                frames = prefill[:, :, chunk * chunk_frames : (chunk + 1) * chunk_frames].to(
-                    device, torch.float32
-                )
-                forward(self._context_latents(frames, context_timestep, generator), context_timestep / 1000)
-            with self.progress_bar(total=num_chunks - context_chunks) as progress_bar:
-                for chunk in range(context_chunks, num_chunks):
-                    rollout.enter_chunk(chunk, device)
-                    context.chunk_index, context.phase = chunk, "denoise"
-                    latents = randn_tensor(
-                        chunk_shape, generator=generator, device=device, dtype=torch.float32
-                    )
-                    for step, sigma in enumerate(sigmas):
-                        context.chunk_step = step
-                        flow = forward(latents, sigma).float()
-                        clean = latents - sigma * flow
-                        if step + 1 < len(sigmas):
-                            noise = renoise_noise(latents, flow, sigma, eta, generator)
-                            latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
-                    clean = conditioning.chunk_done(clean, rollout.frame_offset)
-                    if chunk + 1 < num_chunks:
-                        context.phase, context.chunk_step = "commit", None
-                        forward(
-                            self._context_latents(clean, context_timestep, generator), context_timestep / 1000
-                        )
-                    kept = clean[:, :, : latent_frames - (chunk - context_chunks) * chunk_frames]
-                    if output_type == "latent":
+            run.prefill()
+            with self.progress_bar(total=run.num_chunks - run.context_chunks) as progress_bar:
+                for chunk in range(run.context_chunks, run.num_chunks):
+                    kept = run.generate_chunk(chunk)
+                    if options.output_type == "latent":
                         yield kept
                     else:
                         frames, vae_cache = self._decode_chunk(kept, vae_cache)
                         yield frames
                     progress_bar.update()
         finally:
-            rope_hook.remove()
+            run.close()
             context.reset()
             self.maybe_free_model_hooks()
 
@@ -502,58 +333,23 @@ class CausalWanPipeline(DiffusionPipeline):
         adapter = WanAdapter()
         return attach_context(self.transformer, adapter.layers(self.transformer), adapter.read_inputs)
 
-    def _check_inputs(
-        self,
-        prompt,
-        prompt_embeds,
-        height,
-        width,
-        num_frames,
-        chunk_frames,
-        denoising_timesteps,
-        shift,
-        eta,
-        context_timestep,
-        max_cache_frames,
-        sink_frames,
-        output_type,
-    ) -> tuple[int, tuple[int, int, int, int], int]:
-        """Validate the arguments; ``-> (latent frames, chunk latent shape (C, f, h, w), tokens per frame)``."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of prompt and prompt_embeds")
-        if prompt_embeds is not None and prompt_embeds.dim() != 3:
-            raise ValueError(
-                f"prompt_embeds must be [B, L, text_dim], got shape {tuple(prompt_embeds.shape)}"
-            )
-        _check_int("chunk_frames", chunk_frames, 1)
-        _check_int("num_frames", num_frames, 1)
-        if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
+    def _geometry(self, options: RolloutOptions) -> tuple[int, tuple[int, int, int, int], int]:
+        """Check ``options`` against this pipeline; ``-> (latent frames, chunk latent shape (C, f, h, w),
+        tokens per frame)``."""
         config = self.transformer.config
         _, p_h, p_w = config.patch_size
-        for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
+        for name, patch in (("height", p_h), ("width", p_w)):
             multiple = self.vae_scale_factor_spatial * patch
-            _check_int(name, size, multiple)
+            size = getattr(options, name)
             if size % multiple:
                 raise ValueError(f"{name} must be a positive multiple of {multiple}, got {size}")
-        if self.vae is None and output_type != "latent" and config.out_channels != 3:
+        if self.vae is None and options.output_type != "latent" and config.out_channels != 3:
             raise ValueError(
                 f"a pipeline without a VAE returns the transformer's output as frames, which needs 3 output channels "
                 f"(this transformer has {config.out_channels}); use output_type='latent'"
             )
-        check_denoising_timesteps(denoising_timesteps)
-        if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not 0 < shift < math.inf:
-            raise ValueError(f"shift must be a float in (0, inf), got {shift!r}")
-        check_eta(eta)
-        if (
-            not isinstance(context_timestep, (int, float))
-            or isinstance(context_timestep, bool)
-            or not 0 <= context_timestep <= 1000
-        ):
-            raise ValueError(f"context_timestep must be a float in [0, 1000], got {context_timestep!r}")
-        self._check_cache_options(max_cache_frames, sink_frames)
-
-        temporal = self.vae_scale_factor_temporal
+        self._check_processors(options)
+        temporal, num_frames = self.vae_scale_factor_temporal, options.num_frames
         if (num_frames - 1) % temporal:
             rounded = (num_frames - 1) // temporal * temporal + 1
             warnings.warn(
@@ -561,20 +357,10 @@ class CausalWanPipeline(DiffusionPipeline):
                 stacklevel=4,
             )
         latent_frames = (num_frames - 1) // temporal + 1
-        h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
-        return latent_frames, (config.in_channels, chunk_frames, h, w), (h // p_h) * (w // p_w)
+        h, w = options.height // self.vae_scale_factor_spatial, options.width // self.vae_scale_factor_spatial
+        return latent_frames, (config.in_channels, options.chunk_frames, h, w), (h // p_h) * (w // p_w)
 
-    def _check_cache_options(self, max_cache_frames, sink_frames) -> None:
-        _check_int("sink_frames", sink_frames, 0)
-        if max_cache_frames is None:
-            if sink_frames:
-                raise ValueError("sink_frames needs max_cache_frames (the sinks of the rolling-window cache)")
-        else:
-            _check_int("max_cache_frames", max_cache_frames, 1)
-            if sink_frames >= max_cache_frames:
-                raise ValueError(
-                    f"sink_frames must be an int in [0, max_cache_frames - 1 = {max_cache_frames - 1}], got {sink_frames}"
-                )
+    def _check_processors(self, options: RolloutOptions) -> None:
         processors = set(self.transformer.attn_processors.values())
         if not all(isinstance(processor, AccelProcessor) for processor in processors):
             foreign = sorted({type(p).__name__ for p in processors if not isinstance(p, AccelProcessor)})
@@ -582,174 +368,90 @@ class CausalWanPipeline(DiffusionPipeline):
                 f"CausalWanPipeline keeps its KV cache in vidaccel processors; the transformer has {', '.join(foreign)}. "
                 "Install one with pipe.set_attn_processor(vidaccel.DenseProcessor()) or vidaccel.apply(pipe, ...)"
             )
-        if (max_cache_frames is not None or sink_frames) and any(p.makes_kv_cache for p in processors):
+        if (options.max_cache_frames is not None or options.sink_frames) and any(
+            p.makes_kv_cache for p in processors
+        ):
             raise ValueError(
                 "max_cache_frames/sink_frames (the rolling-window baseline) cannot be combined with a processor that "
                 "makes its own KV cache (TempCache has its own sinks and budget); leave them unset"
             )
 
 
-def check_denoising_timesteps(denoising_timesteps: Sequence[float]) -> None:
-    """Raise ``ValueError`` unless ``denoising_timesteps`` (a sampler's timesteps) are strictly
-    decreasing values in ``(0, 1000]``."""
-    timesteps = list(denoising_timesteps)
-    if (
-        not timesteps
-        or any(not 0 < float(t) <= 1000 for t in timesteps)
-        or timesteps != sorted(timesteps, reverse=True)
-        or len(set(timesteps)) != len(timesteps)
-    ):
-        raise ValueError(
-            f"denoising_timesteps must be strictly decreasing values in (0, 1000], got {denoising_timesteps!r}"
+class _Rollout:
+    """One generation of a :class:`CausalWanPipeline`: the prompt on the device, the rollout state open
+    on the step context, the rotary hook, and the passes of each chunk (denoise steps, commit)."""
+
+    def __init__(self, pipe, context, geometry, options: RolloutOptions, conditioning: ChunkConditioning):
+        self.pipe, self.context, self.options, self.conditioning = pipe, context, options, conditioning
+        self.device, self.dtype = pipe._execution_device, pipe.transformer.dtype
+        prompt_embeds = options.prompt_embeds
+        if prompt_embeds is None:
+            prompt_embeds = pipe.encode_prompt(options.prompt, self.device)
+        self.prompt_embeds = prompt_embeds.to(device=self.device, dtype=self.dtype)
+        self.latent_frames, chunk_shape, tokens_per_frame = geometry
+        chunk_frames = options.chunk_frames
+        self.chunk_shape = (self.prompt_embeds.shape[0], *chunk_shape)
+        self.context_chunks = (
+            0 if conditioning.context is None else conditioning.context.shape[2] // chunk_frames
+        )
+        self.num_chunks = self.context_chunks + math.ceil(self.latent_frames / chunk_frames)
+        self.sigmas = options.sigmas
+        context.reset()
+        self.state = RolloutState(
+            chunk_frames,
+            self.num_chunks,
+            tokens_per_frame,
+            max_cache_frames=options.max_cache_frames,
+            sink_frames=options.sink_frames,
+            steps_per_chunk=len(self.sigmas),
+            # every chunk but the last is committed to each layer's cache
+            committed_tokens=(self.num_chunks - 1) * chunk_frames * tokens_per_frame,
+        )
+        set_rollout(context, self.state)
+        context.reset_on_timestep_jump = False
+        self.rope_hook = pipe.transformer.rope.register_forward_hook(
+            lambda module, args, output: rotary_emb_at(module, args[0].shape[2:], self.state.frame_offset)
         )
 
+    def forward(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        timestep = torch.full((self.chunk_shape[0],), 1000.0 * sigma, device=self.device)
+        inputs = self.conditioning.model_input(latents, self.state.frame_offset).to(self.dtype)
+        return self.pipe.transformer(inputs, timestep, self.prompt_embeds, return_dict=False)[0]
 
-def check_eta(eta) -> None:
-    """Raise ``ValueError`` unless ``eta`` (the sampler's share of fresh noise) is a float in ``[0, 1]``."""
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta <= 1:
-        raise ValueError(f"eta must be a float in [0, 1], got {eta!r}")
+    def commit(self, chunk: int, clean: torch.Tensor) -> None:
+        """The commit pass of ``chunk``: its clean (or re-noised) latents written into the caches."""
+        timestep = self.options.context_timestep
+        self.context.enter_chunk(chunk, "commit")
+        self.forward(self.pipe._context_latents(clean, timestep, self.options.generator), timestep / 1000)
 
+    def prefill(self) -> None:
+        """Commit the conditioning's context frames, chunk by chunk."""
+        frames_per_chunk = self.options.chunk_frames
+        for chunk in range(self.context_chunks):
+            self.state.enter_chunk(chunk, self.device)
+            frames = self.conditioning.context[
+                :, :, chunk * frames_per_chunk : (chunk + 1) * frames_per_chunk
+            ]
+            self.commit(chunk, frames.to(self.device, torch.float32))
 
-def renoise_noise(
-    latents: torch.Tensor, flow: torch.Tensor, sigma: float, eta: float, generator=None
-) -> torch.Tensor:
-    """The noise a sampler step re-noises its clean estimate ``latents - sigma * flow`` with:
-    ``eta * fresh + sqrt(1 - eta**2) * estimate``, where ``estimate = latents + (1 - sigma) * flow`` is
-    the model's estimate of the noise in ``latents`` (flow matching: ``x = (1 - sigma) x0 + sigma
-    noise``, ``flow = noise - x0``). ``eta = 1``: fresh noise from ``generator``; ``eta = 0``: the
-    estimate, which makes ``(1 - sigma') x0 + sigma' noise`` the flow ODE's Euler step
-    ``latents + (sigma' - sigma) flow`` (no draw)."""
-    fresh = None
-    if eta > 0:
-        fresh = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if eta == 1:
-        return fresh
-    estimate = latents + (1 - sigma) * flow
-    return estimate if fresh is None else eta * fresh + math.sqrt(1 - eta**2) * estimate
-
-
-def flow_sigmas(timesteps: Sequence[float], shift: float) -> list[float]:
-    """Shifted flow-matching sigmas of ``timesteps`` (in ``[0, 1000]``): ``shift * s / (1 + (shift - 1) * s)``
-    with ``s = t / 1000``, the static shift of diffusers' ``FlowMatchEulerDiscreteScheduler``.
-
-    >>> flow_sigmas([1000, 750, 500, 250], 5.0)
-    [1.0, 0.9375, 0.8333333333333334, 0.625]
-    """
-    return [shift * (t / 1000) / (1 + (shift - 1) * (t / 1000)) for t in map(float, timesteps)]
-
-
-def rotary_emb_at(rope: WanRotaryPosEmbed, latent_shape: Sequence[int], frame_offset: int):
-    """Wan's rotary table for a chunk whose first latent frame is ``frame_offset``.
-
-    Args:
-        rope: the transformer's ``WanRotaryPosEmbed``.
-        latent_shape: ``(F, H, W)`` of the chunk's latents (before patchifying).
-        frame_offset: absolute latent frame of the chunk's first frame (any size: the temporal part
-            follows Wan's formula beyond ``rope_max_seq_len``).
-
-    Returns ``(freqs_cos, freqs_sin)``, each ``[1, S, 1, D]`` in the layout ``rope`` returns; at
-    ``frame_offset=0`` bit-identical to ``rope`` on the chunk, and at any offset equal to rows of
-    ``rope``'s table for a sequence that long.
-    """
-    p_t, p_h, p_w = rope.patch_size
-    frames = latent_shape[0] // p_t
-    positions = torch.arange(frame_offset // p_t, frame_offset // p_t + frames, device=rope.freqs_cos.device)
-    return rotary_emb_frames(rope, positions, latent_shape[1] // p_h, latent_shape[2] // p_w)
-
-
-def rotary_emb_frames(rope: WanRotaryPosEmbed, frame_positions: torch.Tensor, height: int, width: int):
-    """Wan's rotary table for token frames at arbitrary temporal positions (e.g. a training clip
-    whose frames are not consecutive, a different layout per clip).
-
-    Args:
-        rope: the transformer's ``WanRotaryPosEmbed``.
-        frame_positions: long ``[F]`` or ``[B, F]``: the temporal rotary position of each token frame.
-        height, width: the token grid of one frame (after patchifying).
-
-    Returns ``(freqs_cos, freqs_sin)``, each ``[1 | B, F * height * width, 1, D]`` (raster order);
-    with consecutive positions equal to :func:`rotary_emb_at`.
-    """
-    positions = frame_positions.reshape(-1, frame_positions.shape[-1])
-    batch, frames = positions.shape
-    t_cos, t_sin = get_1d_rotary_pos_embed(
-        rope.t_dim,
-        positions.flatten().to(rope.freqs_cos.device),
-        WAN_ROPE_THETA,
-        use_real=True,
-        repeat_interleave_real=True,
-        freqs_dtype=torch.float64,
-    )
-    split = [rope.t_dim, rope.h_dim, rope.w_dim]
-    shape = (batch, frames, height, width, -1)
-    tables = []
-    for table, t_part in ((rope.freqs_cos, t_cos), (rope.freqs_sin, t_sin)):
-        _, h_part, w_part = table.split(split, dim=1)
-        parts = (
-            t_part.to(table.dtype).view(batch, frames, 1, 1, -1).expand(shape),
-            h_part[:height].view(1, 1, height, 1, -1).expand(shape),
-            w_part[:width].view(1, 1, 1, width, -1).expand(shape),
+    def generate_chunk(self, chunk: int) -> torch.Tensor:
+        """Denoise ``chunk`` from fresh noise, commit it unless it is the last: its kept latents."""
+        options, sigmas = self.options, self.sigmas
+        self.state.enter_chunk(chunk, self.device)
+        latents = randn_tensor(
+            self.chunk_shape, generator=options.generator, device=self.device, dtype=torch.float32
         )
-        tables.append(torch.cat(parts, dim=-1).reshape(batch, frames * height * width, 1, -1))
-    return tuple(tables)
+        for step, sigma in enumerate(sigmas):
+            self.context.enter_chunk(chunk, "denoise", step)
+            flow = self.forward(latents, sigma).float()
+            clean = latents - sigma * flow
+            if step + 1 < len(sigmas):
+                noise = renoise_noise(latents, flow, sigma, float(options.eta), options.generator)
+                latents = (1 - sigmas[step + 1]) * clean + sigmas[step + 1] * noise
+        clean = self.conditioning.chunk_done(clean, self.state.frame_offset)
+        if chunk + 1 < self.num_chunks:
+            self.commit(chunk, clean)
+        return clean[:, :, : self.latent_frames - (chunk - self.context_chunks) * options.chunk_frames]
 
-
-def decode_latent_chunk(vae, latents: torch.Tensor, feat_cache: list | None) -> tuple[torch.Tensor, list]:
-    """Decode the next latent frames of a video with the Wan VAE, continuing its causal feature cache.
-
-    Args:
-        vae: an ``AutoencoderKLWan``.
-        latents: ``[B, z_dim, f, h, w]`` un-normalised latents (as ``vae.decode`` takes them), the
-            frames that follow those decoded before with ``feat_cache``.
-        feat_cache: the cache returned by the previous call, or ``None`` for a video's first chunk.
-
-    Returns ``(frames [B, 3, f', H, W] in [-1, 1], feat_cache)``; ``f' = 1 + 4 (f - 1)`` for the first
-    chunk and ``4 f`` after. Decoding a latent in chunks this way equals ``vae.decode`` on the whole.
-
-    This is the one place that uses the private causal-decode protocol of diffusers'
-    ``AutoencoderKLWan`` (the per-frame ``decoder(x, feat_cache=, feat_idx=, first_chunk=)`` loop of
-    its ``_decode``, with one cache slot per ``WanCausalConv3d``); the cache is a list owned by the
-    caller, so ``vae``'s own ``_feat_map`` is left alone. It raises ``RuntimeError`` if a diffusers
-    upgrade changed that protocol, and tiled decoding is not applied to chunks.
-    """
-    decoder = vae.decoder
-    missing = {"feat_cache", "feat_idx", "first_chunk"} - set(inspect.signature(decoder.forward).parameters)
-    if (
-        missing
-        or not hasattr(autoencoder_kl_wan, "WanCausalConv3d")
-        or not hasattr(autoencoder_kl_wan, "unpatchify")
-    ):
-        raise RuntimeError(
-            "diffusers changed AutoencoderKLWan's causal decoding (decoder arguments feat_cache/feat_idx/first_chunk, "
-            "WanCausalConv3d, unpatchify), which vidaccel.pipelines.causal_wan.decode_latent_chunk mirrors; "
-            "update that function for this diffusers version"
-        )
-    if getattr(vae, "use_tiling", False):
-        warnings.warn("decode_latent_chunk decodes chunks without VAE tiling", stacklevel=2)
-    first = feat_cache is None
-    if first:
-        feat_cache = [None] * sum(
-            isinstance(m, autoencoder_kl_wan.WanCausalConv3d) for m in decoder.modules()
-        )
-    x = vae.post_quant_conv(latents)
-    frames = []
-    for i in range(x.shape[2]):
-        frames.append(
-            decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=first and i == 0)
-        )
-    out = torch.cat(frames, dim=2)
-    if vae.config.patch_size is not None:
-        out = autoencoder_kl_wan.unpatchify(out, patch_size=vae.config.patch_size)
-    return out.clamp(-1.0, 1.0), feat_cache
-
-
-def _default_cache_factory(
-    max_cache_frames: int | None, sink_frames: int, capacity_tokens: int
-) -> Callable[[], KVCache]:
-    if max_cache_frames is not None:
-        return lambda: RollingKVCache(max_cache_frames, sink_frames)
-    return lambda: DenseKVCache(max(capacity_tokens, 1))
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int in [{low}, inf), got {value!r}")
+    def close(self) -> None:
+        self.rope_hook.remove()

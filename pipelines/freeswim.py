@@ -48,9 +48,14 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 import vidaccel
-from vidaccel.config import FreeSwimConfig
 from vidaccel.processors.base import AccelProcessor
-from vidaccel.processors.freeswim import STATE_KEY, FreeSwimBatch, FreeSwimMethod, FreeSwimProcessor
+from vidaccel.processors.freeswim import (
+    FreeSwim,
+    FreeSwimBatch,
+    FreeSwimConfig,
+    FreeSwimProcessor,
+    set_freeswim_batch,
+)
 from vidaccel.state import context_of
 
 __all__ = ["FreeSwimWanPipeline", "FreeSwimWanPipelineOutput"]
@@ -88,7 +93,7 @@ class FreeSwimWanPipeline(WanPipeline):
         """The config of the FreeSwim method installed on the transformer, or ``None``."""
         for processor in self.transformer.attn_processors.values():
             for method in getattr(processor, "methods", ()):
-                if isinstance(method, FreeSwimMethod):
+                if isinstance(method, FreeSwim):
                     return method.config
         return None
 
@@ -155,48 +160,22 @@ class FreeSwimWanPipeline(WanPipeline):
         dtype = self.transformer.dtype
         prompt_embeds = prompt_embeds.to(dtype)
         negative_prompt_embeds = None if negative_prompt_embeds is None else negative_prompt_embeds.to(dtype)
-
         if video is None:
-            video = WanPipeline.__call__(
-                self,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                height=config.train_size[0],
-                width=config.train_size[1],
-                num_frames=num_frames,
-                num_inference_steps=native_inference_steps,
-                guidance_scale=native_guidance_scale,
-                generator=generator,
-                output_type="pt",
-            ).frames  # [B, F, 3, h, w] in [0, 1]
+            native = dict(steps=native_inference_steps, guidance=native_guidance_scale, generator=generator)
+            video = self._native(config, prompt_embeds, negative_prompt_embeds, num_frames, **native)
         timings["native"] = self._clock() - start
 
         mark = self._clock()
-        pixels = self._upscale(video, height, width, device)  # [B, 3, F, H, W] in [-1, 1]
         scheduler = self._refine_scheduler(flow_shift)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        run = min(num_inference_steps, max(1, round(num_inference_steps * strength)))
-        timesteps = scheduler.timesteps[(num_inference_steps - run) * scheduler.order :]
-        self.vae.enable_tiling()
-        clean = self._encode(pixels)
-        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=torch.float32)
-        t0 = timesteps[:1].repeat(clean.shape[0])
-        if hasattr(scheduler, "add_noise"):
-            latents = scheduler.add_noise(clean, noise, t0)
-        else:
-            latents = scheduler.scale_noise(clean, t0, noise)
+        latents, timesteps = self._noised(
+            video, height, width, scheduler, num_inference_steps, strength, generator
+        )
         timings["encode"] = self._clock() - mark
 
         mark = self._clock()
+        embeds = (prompt_embeds, negative_prompt_embeds)
         latents, full_steps = self._refine(
-            config,
-            scheduler,
-            timesteps,
-            latents,
-            prompt_embeds,
-            negative_prompt_embeds,
-            guidance_scale,
-            do_cfg,
+            config, scheduler, timesteps, latents, *embeds, guidance_scale, do_cfg
         )
         timings.update(refine=self._clock() - mark, steps=len(timesteps), full_steps=full_steps)
 
@@ -211,6 +190,39 @@ class FreeSwimWanPipeline(WanPipeline):
         if not return_dict:
             return frames, timings
         return FreeSwimWanPipelineOutput(frames=frames, timings=timings)
+
+    def _native(
+        self, config, prompt_embeds, negative_prompt_embeds, num_frames, *, steps, guidance, generator
+    ):
+        """The video at the training size, from the stock Wan pipeline: ``[B, F, 3, h, w]`` in ``[0, 1]``."""
+        return WanPipeline.__call__(
+            self,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=config.train_size[0],
+            width=config.train_size[1],
+            num_frames=num_frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            output_type="pt",
+        ).frames
+
+    def _noised(self, video, height, width, scheduler, num_inference_steps, strength, generator):
+        """``video`` upscaled, encoded and noised to the refinement's first timestep:
+        ``-> (latents, the refinement's timesteps)``."""
+        device = self._execution_device
+        pixels = self._upscale(video, height, width, device)  # [B, 3, F, H, W] in [-1, 1]
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        run = min(num_inference_steps, max(1, round(num_inference_steps * strength)))
+        timesteps = scheduler.timesteps[(num_inference_steps - run) * scheduler.order :]
+        self.vae.enable_tiling()
+        clean = self._encode(pixels)
+        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=torch.float32)
+        t0 = timesteps[:1].repeat(clean.shape[0])
+        if hasattr(scheduler, "add_noise"):
+            return scheduler.add_noise(clean, noise, t0), timesteps
+        return scheduler.scale_noise(clean, t0, noise), timesteps
 
     def _ensure_freeswim(self) -> FreeSwimConfig:
         if getattr(self, "transformer_2", None) is not None:
@@ -260,7 +272,7 @@ class FreeSwimWanPipeline(WanPipeline):
             full = step % config.cache_steps == 0
             full_steps += full
             batch = FreeSwimBatch("dual" if full else "cached", rows)
-            context.pipeline_state[STATE_KEY] = batch
+            set_freeswim_batch(context, batch)
             with self.transformer.cache_context("cond"):
                 cond = self.transformer(
                     hidden_states=torch.cat([x, x]) if full else x,
@@ -270,7 +282,7 @@ class FreeSwimWanPipeline(WanPipeline):
                 )[0][:rows]  # the window branch; the full branch's prediction is dropped
             noise_pred = cond
             if do_cfg:
-                context.pipeline_state[STATE_KEY] = FreeSwimBatch("window", rows)
+                set_freeswim_batch(context, FreeSwimBatch("window", rows))
                 with self.transformer.cache_context("uncond"):
                     uncond = self.transformer(
                         hidden_states=x,
@@ -280,7 +292,7 @@ class FreeSwimWanPipeline(WanPipeline):
                     )[0]
                 noise_pred = uncond + guidance * (cond - uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        context.pipeline_state.pop(STATE_KEY, None)
+        set_freeswim_batch(context, None)
         return latents, full_steps
 
     def _upscale(self, video, height: int, width: int, device) -> torch.Tensor:

@@ -21,6 +21,7 @@ each predicted frame just before its chunk is generated, with every frame so far
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-from .causal_wan import CausalWanPipeline, ChunkConditioning
+from .causal_wan import CausalWanPipeline, ChunkConditioning, RolloutOptions
 from .game import ACTIONS, FRAME_SIZE, LEVELS, parse_actions
 
 __all__ = [
@@ -235,15 +236,15 @@ class WorldModelPipeline(CausalWanPipeline):
             num_frames: predicted frames (>= 1).
             context_actions: the actions that produced the context frames (``T0``); default noop.
             level: level id (or one per batch item) in ``[0, len(levels))``, the cross-attention tokens.
-            denoising_timesteps, shift, eta: the sampler (``eta`` as in
-                :meth:`CausalWanPipeline.__call__`); default from ``world_model.json`` (``eta``: 1
+            denoising_timesteps, shift, eta: the sampler (as in
+                :class:`~vidaccel.pipelines.causal_wan.RolloutOptions`); default from ``world_model.json`` (``eta``: 1
                 when it names none).
             generator: seeds the noise.
             output_type: ``"np"`` (``[B, num_frames, 64, 64, 3]`` floats in ``[0, 1]``), ``"pil"``,
                 ``"pt"`` (``[B, num_frames, 3, 64, 64]``) or ``"latent"`` (``[B, 3, num_frames, 64, 64]``
                 in ``[-1, 1]``).
             **rollout_kwargs: ``context_timestep``, ``max_cache_frames``, ``sink_frames`` as in
-                :meth:`CausalWanPipeline.__call__`.
+                :class:`~vidaccel.pipelines.causal_wan.RolloutOptions`.
 
         Raises ``ValueError`` for a bad argument (unknown action, wrong number of actions, bad frames).
         """
@@ -253,29 +254,16 @@ class WorldModelPipeline(CausalWanPipeline):
         )  # fmt: skip
         return self._collected(chunks, output_type, return_dict)
 
-    def stream(
-        self,
-        context_frames,
-        actions,
-        num_frames: int,
-        *,
-        context_actions=None,
-        level=0,
-        denoising_timesteps=None,
-        shift: float | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "np",
-        return_dict: bool = True,
-        **rollout_kwargs,
-    ) -> Iterator[WanPipelineOutput | tuple]:
-        """Roll out like :meth:`__call__` (same arguments) and yield each chunk's frames as soon as they
-        are made; concatenated they equal ``__call__``'s video."""
-        chunks = self._world_rollout(
-            context_frames, actions, num_frames, context_actions, level, denoising_timesteps, shift,
-            eta, generator, output_type, rollout_kwargs,
-        )  # fmt: skip
-        return self._postprocessed(chunks, output_type, return_dict)
+    def stream(self, *args, **kwargs) -> Iterator[WanPipelineOutput | tuple]:
+        """Roll out like :meth:`__call__` (the same arguments) and yield each chunk's frames as soon as
+        they are made; concatenated they equal ``__call__``'s video."""
+        call = inspect.signature(type(self).__call__).bind(self, *args, **kwargs)
+        call.apply_defaults()
+        arguments = dict(call.arguments)
+        del arguments["self"]
+        return_dict, rollout_kwargs = arguments.pop("return_dict"), arguments.pop("rollout_kwargs")
+        chunks = self._world_rollout(**arguments, rollout_kwargs=rollout_kwargs)
+        return self._postprocessed(chunks, arguments["output_type"], return_dict)
 
     @property
     def sampler(self) -> dict:
@@ -325,23 +313,22 @@ class WorldModelPipeline(CausalWanPipeline):
             )
         conditioning = _ActionConditioning(frames, context_ids, action_ids, policy, num_frames, chunk_frames)
         sampler = self.sampler
-        return self._rollout(
-            None,
-            self.level_tokens[levels],
-            size,
-            size,
-            num_frames,
-            chunk_frames,
-            sampler["denoising_timesteps"] if denoising_timesteps is None else denoising_timesteps,
-            sampler["shift"] if shift is None else shift,
-            sampler["eta"] if eta is None else eta,
-            rollout_kwargs.get("context_timestep", 0),
-            rollout_kwargs.get("max_cache_frames"),
-            rollout_kwargs.get("sink_frames", 0),
-            generator,
-            output_type,
-            conditioning,
+        options = RolloutOptions(
+            prompt_embeds=self.level_tokens[levels],
+            height=size,
+            width=size,
+            num_frames=num_frames,
+            chunk_frames=chunk_frames,
+            denoising_timesteps=sampler["denoising_timesteps"]
+            if denoising_timesteps is None
+            else denoising_timesteps,
+            shift=sampler["shift"] if shift is None else shift,
+            eta=sampler["eta"] if eta is None else eta,
+            generator=generator,
+            output_type=output_type,
+            **rollout_kwargs,
         )
+        return self._rollout(options, conditioning)
 
 
 class _ActionConditioning(ChunkConditioning):

@@ -1,7 +1,8 @@
-"""Helpers of the Gradio app tests: the app module and a tiny world model to run it on."""
+"""Helpers of the Gradio app tests: the app script, and a tiny world model to run the app on."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -10,14 +11,16 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
+from vidaccel.pipelines.app.play import play_stop
+from vidaccel.pipelines.app.state import LOADED, OPTIONS
 from vidaccel.pipelines.world_model import default_metadata, world_model_config
 
 APP = Path(__file__).resolve().parents[1] / "demos" / "app.py"
 
 
 def load_app():
-    """``demos/app.py`` as a module (it is a script, not a package module); registered in
-    ``sys.modules`` as its dataclasses need."""
+    """``demos/app.py`` (the page and its command line) as a module: it is a script, not a package
+    module; registered in ``sys.modules`` as its dataclasses need."""
     spec = importlib.util.spec_from_file_location("vidaccel_demo_app", APP)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -39,3 +42,17 @@ def write_tiny_world_model(folder: Path) -> Path:
     metadata = default_metadata() | {"context_frames": 1, "denoising_timesteps": [1000, 500]}
     (folder / "world_model.json").write_text(json.dumps(metadata))
     return folder
+
+
+@contextlib.contextmanager
+def tiny_world_model(folder: Path):
+    """While active, the app's "shipped weights" world model is a tiny one written to ``folder``
+    (:func:`write_tiny_world_model`); on exit the Play session is closed and the loaded model and
+    the setting are dropped."""
+    OPTIONS["world_model"] = write_tiny_world_model(folder)
+    try:
+        yield OPTIONS["world_model"]
+    finally:
+        play_stop()
+        LOADED.clear()
+        OPTIONS["world_model"] = None

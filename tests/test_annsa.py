@@ -9,7 +9,7 @@ from _tiny import run, tiny_pipe
 
 import vidaccel
 from vidaccel import AnnSAConfig, AnnSAProcessor, AttentionCall, StepContext
-from vidaccel.processors import annsa
+from vidaccel.processors import annsa, tokens
 from vidaccel.processors.base import dense_attention
 from vidaccel.state import LayerInfo
 
@@ -62,7 +62,7 @@ def test_every_cluster_routed_equals_dense(ann_backend, ops_backend):
     config = AnnSAConfig(n_clusters=5, top_p=1.0, sink_tokens=3, ann_backend=ann_backend, block_size=32)
     plan = annsa.build_plan(q, k, config, key_bias=bias)
     call = AttentionCall(None, "self", q, k, v, key_bias=bias, backend=ops_backend, num_external=60)
-    out, lse = annsa.run_plan(plan, call, dense_attention)
+    out, lse = tokens.run_plan(plan, call, dense_attention)
     ref, ref_lse = masked_attention_fp64(q, k, v, bias=bias)
     assert rel_err(out, ref) <= TOL
     torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
@@ -78,17 +78,17 @@ def test_routing_keeps_the_attention_mass(ann_backend):
     )
     plan = annsa.build_plan(q, k, config)
     call = AttentionCall(None, "self", q, k, v, backend="reference")
-    out, _ = annsa.run_plan(plan, call, dense_attention)
+    out, _ = tokens.run_plan(plan, call, dense_attention)
     assert plan.density() <= 0.6  # 4 true clusters, plus sinks and partly filled blocks
     assert rel_err(out, masked_attention_fp64(q, k, v)[0]) <= 0.05
     assert plan.blocks.block_mask[..., 0].all()  # the sink block is visited by every query block
     # The same result as explicit masked attention with the plan's layout, mapped back to raster order.
     q_p, k_p, v_p = (
-        annsa.gather_tokens(t, p) for t, p in ((q, plan.q_perm), (k, plan.k_perm), (v, plan.k_perm))
+        tokens.gather_tokens(t, p) for t, p in ((q, plan.q_perm), (k, plan.k_perm), (v, plan.k_perm))
     )
     mask = plan.blocks.expand_mask(q.shape[1], k.shape[1])
     ref_p, _ = masked_attention_fp64(q_p, k_p, v_p, mask=mask)
-    assert rel_err(out, annsa.gather_tokens(ref_p, plan.q_inverse)) <= TOL
+    assert rel_err(out, tokens.gather_tokens(ref_p, plan.q_inverse)) <= TOL
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_routing_fidelity_on_fragmented_clusters(routing, max_density, max_err):
     q, k, v = _clustered_qkv(seq_q=2048, seq_k=2048, heads=2, dim=64, n_clusters=32, norm=9.0, noise=0.1)
     config = AnnSAConfig(n_clusters=64, block_size=32, ann_backend="triton", **routing)
     plan = annsa.build_plan(q, k, config)
-    out, _ = annsa.run_plan(plan, AttentionCall(None, "self", q, k, v, backend="reference"), dense_attention)
+    out, _ = tokens.run_plan(plan, AttentionCall(None, "self", q, k, v, backend="reference"), dense_attention)
     assert plan.density() <= max_density
     assert rel_err(out, masked_attention_fp64(q, k, v)[0]) <= max_err
 
@@ -123,11 +123,11 @@ def test_chain_order_puts_near_duplicates_next_to_each_other():
 
 def test_select_clusters():
     mass = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
-    assert annsa.select_clusters(mass, top_p=0.8).tolist() == [[True, False, True, False]]
-    assert annsa.select_clusters(mass, top_p=0.81).sum() == 3
-    assert annsa.select_clusters(mass, top_p=0.2).tolist() == [[True, False, False, False]]
-    assert annsa.select_clusters(mass, top_p=1.0).all()
-    assert annsa.select_clusters(mass, top_k=2).tolist() == [[True, False, True, False]]
+    assert tokens.select_clusters(mass, top_p=0.8).tolist() == [[True, False, True, False]]
+    assert tokens.select_clusters(mass, top_p=0.81).sum() == 3
+    assert tokens.select_clusters(mass, top_p=0.2).tolist() == [[True, False, False, False]]
+    assert tokens.select_clusters(mass, top_p=1.0).all()
+    assert tokens.select_clusters(mass, top_k=2).tolist() == [[True, False, True, False]]
 
 
 def _context_call(ctx, attn, layer=1, **kwargs):
@@ -237,12 +237,12 @@ def test_annsa_on_gpu_bf16():
     call = AttentionCall(None, "self", q, k, v, backend="triton")
     ref = masked_attention_fp64(q, k, v)[0]
     plan = annsa.build_plan(q, k, AnnSAConfig(n_clusters=32, top_p=1.0, ann_backend="triton"))
-    assert rel_err(annsa.run_plan(plan, call, dense_attention)[0], ref) <= 1e-2
+    assert rel_err(tokens.run_plan(plan, call, dense_attention)[0], ref) <= 1e-2
     own = _own_cluster_error(q, k, v, labels, ref)
     assert 0.03 <= own <= 0.08  # the premise above
     plan = annsa.build_plan(q, k, AnnSAConfig(n_clusters=32, top_p=0.9, ann_backend="triton"))
     assert plan.density() <= 0.2  # own cluster: 1/16 of the keys, in 2-3 of 32 key blocks
-    assert rel_err(annsa.run_plan(plan, call, dense_attention)[0], ref) <= own + 0.01  # + bf16 rounding
+    assert rel_err(tokens.run_plan(plan, call, dense_attention)[0], ref) <= own + 0.01  # + bf16 rounding
 
 
 def test_causal_rollout_composes_with_annca_and_tempcache(monkeypatch):

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from _app import load_app, write_tiny_world_model
+from _app import load_app, tiny_world_model
 
 FRAMES = 2
 
@@ -53,13 +53,12 @@ def browser():
 @pytest.fixture
 def served_app(tmp_path):
     app = load_app()
-    app.OPTIONS["world_model"] = write_tiny_world_model(tmp_path / "world_model")
-    demo = app.build_app(frames=FRAMES)
-    port = _free_port()
-    app.launch(demo, port=port, block=False)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    app._LOADED.clear()
+    with tiny_world_model(tmp_path / "world_model"):
+        demo = app.build_app(frames=FRAMES)
+        port = _free_port()
+        app.launch(demo, port=port, block=False)
+        yield f"http://127.0.0.1:{port}/"
+        demo.close()
 
 
 def test_world_model_run_in_headless_chromium(browser, served_app, tmp_path):

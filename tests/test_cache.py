@@ -1,4 +1,4 @@
-"""KV caches of rollouts (vidaccel.cache): dense, rolling window, TempCache's merged cache.
+"""KV caches of rollouts (vidaccel.rollout; TempCache's in vidaccel.processors.tempcache): dense, rolling window, merged.
 
 TempCache's cache-level behaviour: identical keys merge into one representative with the right count
 and mean value (and attention over it equals attention over the duplicated keys), random keys do not
@@ -10,7 +10,8 @@ import torch
 from _helpers import masked_attention_fp64, rel_err
 
 from vidaccel import TempCacheConfig, ops
-from vidaccel.cache import DenseKVCache, RollingKVCache, TempCacheKV
+from vidaccel.processors.tempcache import MergedKVCache
+from vidaccel.rollout import DenseKVCache, RollingKVCache
 
 B, H, D = 2, 2, 64
 GRID_HW = (3, 4)  # tokens per frame: 12
@@ -25,8 +26,8 @@ def chunk(frames=3, dtype=torch.float32):
     return torch.randn(B, frames * P, H, D, dtype=dtype), torch.randn(B, frames * P, H, D, dtype=dtype)
 
 
-def tempcache(dtype=torch.float32, **options) -> TempCacheKV:
-    cache = TempCacheKV(TempCacheConfig(**{"sink_frames": 1, "max_tokens": 40 * P, **options}))
+def tempcache(dtype=torch.float32, **options) -> MergedKVCache:
+    cache = MergedKVCache(TempCacheConfig(**{"sink_frames": 1, "max_tokens": 40 * P, **options}))
     cache.observe_grid((3, *GRID_HW))
     return cache
 
@@ -114,7 +115,7 @@ def test_caches_reject_bad_input():
     with pytest.raises(ValueError, match="holds"):
         cache.extend(k[:1], v[:1])
     with pytest.raises(ValueError, match="TempCacheConfig"):
-        TempCacheKV(object())
+        MergedKVCache(object())
 
 
 # ------------------------------------------------------------------------------- TempCache
@@ -217,7 +218,7 @@ def test_sink_frames_never_merge():
 
 
 def test_budget_smaller_than_the_sink_raises_at_the_first_commit():
-    cache = TempCacheKV(TempCacheConfig(sink_frames=2, max_tokens=2 * P))
+    cache = MergedKVCache(TempCacheConfig(sink_frames=2, max_tokens=2 * P))
     k, v = chunk()
     with pytest.raises(ValueError, match=r"max_tokens must hold the sink frames plus one frame.*got 24"):
         cache.commit(k, v, k_pre=None, frame_index=frame_index(0, 3))
@@ -245,7 +246,7 @@ def test_tempcache_on_the_gpu_merges_a_static_scene_and_keeps_its_budget(scope):
     per_frame = grid[0] * grid[1]
     keys = torch.randn(1, per_frame, heads, dim, device="cuda", dtype=torch.bfloat16).repeat(1, 9, 1, 1)
     values = torch.randn(1, 9 * per_frame, heads, dim, device="cuda", dtype=torch.bfloat16)
-    cache = TempCacheKV(TempCacheConfig(sink_frames=3, max_tokens=5 * per_frame, scope=scope))
+    cache = MergedKVCache(TempCacheConfig(sink_frames=3, max_tokens=5 * per_frame, scope=scope))
     cache.observe_grid((3, *grid))
     chunk_tokens = 3 * per_frame
     index = lambda first: torch.arange(first, first + 3, device="cuda").repeat_interleave(per_frame)  # noqa: E731

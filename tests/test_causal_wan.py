@@ -1,10 +1,9 @@
 """CausalWanPipeline: the cached chunked rollout against a block-causal full-sequence reference,
 prefix consistency, stream/__call__ agreement, rotary continuation, chunked VAE decoding, errors."""
 
-import importlib.util
+import dataclasses
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import _tiny
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import rel_err
+from _helpers import rel_err, run_script
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from PIL import Image
@@ -21,11 +20,10 @@ from transformers import T5Config, T5EncoderModel
 import vidaccel
 from vidaccel import AccelProcessor, DenseProcessor, TempCacheConfig
 from vidaccel.pipelines import CausalWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds
-from vidaccel.pipelines.causal_wan import decode_latent_chunk, flow_sigmas, rotary_emb_at
+from vidaccel.pipelines.causal_wan import RolloutOptions, decode_latent_chunk, flow_sigmas, rotary_emb_at
 from vidaccel.processors import WanAdapter
 from vidaccel.state import context_of
 
-DEMO = Path(__file__).resolve().parents[1] / "demos" / "long_rollout.py"
 TOL = 1e-5  # fp32: cached rollout vs one forward over the whole sequence
 TOKENS_PER_FRAME = 4  # pixel-space rollouts of 4x4 "pixels", patch 2x2
 SMALL = dict(height=4, width=4, output_type="latent")  # no VAE: latent frames = num_frames
@@ -386,6 +384,8 @@ def test_cached_rollout_on_cuda_matches_the_reference_backend():
         (dict(max_cache_frames=0), "max_cache_frames must be an int in \\[1, inf\\)"),
         (dict(output_type="np"), "needs 3 output channels"),
         (dict(output_type="gif"), "output_type must be one of"),
+        (dict(num_steps=4), r"unknown rollout argument\(s\) \['num_steps'\]; allowed: prompt, prompt_embeds"),
+        (dict(options=RolloutOptions(prompt="a cat")), "pass either options=RolloutOptions"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -395,6 +395,21 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         pipe(**{**run, **kwargs})
     with pytest.raises(ValueError, match=match):
         pipe.stream(**{**run, **kwargs})  # checked at the call, before the first chunk
+
+
+def test_rollout_options_are_the_keyword_arguments():
+    """``pipe(options=RolloutOptions(...))`` is ``pipe(**fields)``; the options are frozen, checked when made."""
+    pipe = _pipe()
+    fields = dict(prompt_embeds=_embeds(pipe), num_frames=4, generator=None, **SMALL)
+    torch.manual_seed(0)
+    by_fields = pipe(**fields).frames
+    torch.manual_seed(0)
+    options = RolloutOptions(**fields)
+    assert torch.equal(pipe(options=options).frames, by_fields)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.num_frames = 8
+    with pytest.raises(ValueError, match="chunk_frames must be an int in \\[1, inf\\)"):
+        RolloutOptions(prompt="a cat", chunk_frames=0)
 
 
 def test_bad_pipelines_raise_value_error():
@@ -416,9 +431,6 @@ def test_bad_pipelines_raise_value_error():
 
 
 def test_long_rollout_demo_writes_videos_plot_and_report(tmp_path):
-    spec = importlib.util.spec_from_file_location("long_rollout", DEMO)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     argv = [
         "--tiny",
         "--frames",
@@ -432,8 +444,8 @@ def test_long_rollout_demo_writes_videos_plot_and_report(tmp_path):
         "--warmup-chunks",
         "0",
     ]
-    report = demo.main([*argv, "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "report.json").read_text()) == report
+    run_script("demos/long_rollout.py", *argv, "--out", str(tmp_path))  # its command line, in its own process
+    report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["methods"]) == {"dense", "window", "tempcache"}
     for method, run in report["methods"].items():
         assert len(run["chunks"]) == 2 and all(

@@ -1,6 +1,7 @@
 """``make demo`` runs the world-model rollout (tested end to end in tests/test_world_model_rollout.py);
-the earlier tiny Wan demo (``make demo-tiny``) on tiny settings: files, report fields, and fidelity
-(vidaccel's dense attention reproduces the stock clip)."""
+the earlier tiny Wan demo (``make demo-tiny``) on tiny settings, run as its own process with the
+Triton kernels in the interpreter: files, report fields, and fidelity (vidaccel's dense attention
+reproduces the stock clip)."""
 
 import importlib.util
 import json
@@ -12,35 +13,27 @@ from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
+from _helpers import run_script, run_script_cases
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "demos" / "tiny_wan_demo.py"
+DEMO = "demos/tiny_wan_demo.py"
 FRAMES, HEIGHT, WIDTH = 5, 32, 48
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("tiny_wan_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def demo():
-    return _load_demo()
-
-
-@pytest.fixture(scope="module")
-def demo_run(demo, tmp_path_factory):
+def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     argv = ["--out", str(out), "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
-    report = demo.main([*argv, "--steps", "2", "--repeats", "1", "--seed", "3"])
-    return out, report
+    printed = run_script(
+        DEMO, *argv, "--steps", "2", "--repeats", "1", "--seed", "3", env={"TRITON_INTERPRET": "1"}
+    )
+    report = json.loads((out / "report.json").read_text())
+    return out, report, printed
 
 
 def test_demo_writes_videos_and_report(demo_run):
-    out, report = demo_run
-    assert json.loads((out / "report.json").read_text()) == report
+    out, report, printed = demo_run
+    assert printed.strip().endswith(f"wrote {', '.join(report['videos'].values())} and report.json to {out}/")
     suffix = ".mp4" if importlib.util.find_spec("imageio_ffmpeg") is not None else ".gif"
     assert report["videos"] == {name: name + suffix for name in ("stock", "vidaccel", "side_by_side")}
     for name, width in (("stock", WIDTH), ("vidaccel", WIDTH), ("side_by_side", 2 * WIDTH)):
@@ -52,7 +45,7 @@ def test_demo_writes_videos_and_report(demo_run):
 
 
 def test_demo_report_fields(demo_run):
-    _, report = demo_run
+    report = demo_run[1]
     settings = report["settings"]
     chosen = {key: settings[key] for key in ("frames", "height", "width", "steps", "seed")}
     assert chosen == {"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "steps": 2, "seed": 3}
@@ -84,14 +77,15 @@ def test_demo_dense_processor_reproduces_stock(demo_run):
         assert ours["max_abs_diff"] < 1e-3
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [(["--frames", "6"], "4k \\+ 1"), (["--height", "40"], "multiple of 16"), (["--steps", "0"], "steps")],
-)
-def test_demo_rejects_bad_settings(demo, argv, message, capsys, tmp_path):
-    with pytest.raises(SystemExit):
-        demo.main(["--out", str(tmp_path), *argv])
-    assert re.search(message, capsys.readouterr().err)
+def test_demo_rejects_bad_settings(tmp_path):
+    bad = [
+        (["--frames", "6"], "4k \\+ 1"),
+        (["--height", "40"], "multiple of 16"),
+        (["--steps", "0"], "steps"),
+    ]
+    results = run_script_cases(DEMO, [["--out", str(tmp_path), *argv] for argv, _ in bad])
+    for (argv, message), (status, stderr) in zip(bad, results, strict=True):
+        assert status == 2 and re.search(message, stderr), (argv, stderr[-500:])
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

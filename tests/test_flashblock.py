@@ -19,8 +19,9 @@ from vidaccel import (
     StepContext,
     TempCacheConfig,
 )
-from vidaccel.processors import WanAdapter, annsa, flashblock
+from vidaccel.processors import WanAdapter, annsa, flashblock, tokens
 from vidaccel.processors.base import dense_attention
+from vidaccel.rollout import set_rollout
 from vidaccel.state import LayerInfo, context_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:vidaccel.ops")
@@ -52,7 +53,7 @@ class _Steps:
         self.bias = _cache_bias(batch, gen)
         self.q, self.k, self.v = (torch.randn(batch, SQ, HEADS, DIM, generator=gen) for _ in range(3))
         self.context = StepContext()
-        self.context.pipeline_state["rollout"] = "a rollout"
+        set_rollout(self.context, "a rollout")
         self.context.chunk_index, self.context.phase = 1, "denoise"
         self.attn = torch.nn.Linear(1, 1)
 
@@ -128,13 +129,13 @@ def test_refresh_last_recomputes_the_chunks_last_step():
     ):
         config = FlashBlockConfig(refresh_every=refresh_every, refresh_last=True)
         steps, processor = _Steps(), AccelProcessor(config)
-        steps.context.pipeline_state["rollout"] = rollout_state
+        set_rollout(steps.context, rollout_state)
         for step in range(rollout_state.steps_per_chunk if not isinstance(rollout_state, str) else 4):
             call = steps.call(step)
             error = rel_err(processor.attend(call)[0], steps.dense(call)[0])
             assert (error <= TOL) == (step in exact_steps), (rollout_state, refresh_every, step, error)
     steps, processor = _Steps(), AccelProcessor(FlashBlockConfig(refresh_every=2, refresh_last=False))
-    steps.context.pipeline_state["rollout"] = types.SimpleNamespace(steps_per_chunk=4)
+    set_rollout(steps.context, types.SimpleNamespace(steps_per_chunk=4))
     errors = []
     for step in range(4):
         call = steps.call(step)
@@ -171,8 +172,8 @@ def test_split_routing_parts_are_exact_complements():
     assert 0 < plan.density() < 1 and routed is plan
     assert not (routed.blocks.block_mask & remainder.blocks.block_mask).any()
     out, lse = vidaccel.ops.merge_attention(
-        *annsa.run_plan(routed, external, dense_attention),
-        *annsa.run_plan(remainder, external, dense_attention),
+        *tokens.run_plan(routed, external, dense_attention),
+        *tokens.run_plan(remainder, external, dense_attention),
     )
     ref_out, ref_lse = masked_attention_fp64(call.q, external.k, external.v, bias=external.key_bias)
     assert rel_err(out, ref_out) <= TOL and rel_err(lse, ref_lse) <= TOL
@@ -234,7 +235,7 @@ def test_sparse_residual_reuse_freezes_the_routing_and_is_exact_with_unchanged_q
                 t.float()
                 for t in masked_attention_fp64(call.q, external.k, external.v, bias=external.key_bias)
             ),
-            *annsa.run_plan(internal_plan, own, dense_attention),
+            *tokens.run_plan(internal_plan, own, dense_attention),
         )[0]
         assert rel_err(out, ref) <= TOL
     assert (
@@ -418,7 +419,8 @@ def test_flashblock_on_gpu_bf16_and_offload():
         for s in (1024, 5120, 5120)
     )
     context = StepContext()
-    context.pipeline_state["rollout"], context.chunk_index, context.phase = "a rollout", 1, "denoise"
+    set_rollout(context, "a rollout")
+    context.chunk_index, context.phase = 1, "denoise"
     attn = torch.nn.Linear(1, 1)
     outs = {}
     for offload in (False, True):
@@ -430,7 +432,8 @@ def test_flashblock_on_gpu_bf16_and_offload():
         kept = context.module_state(attn)["flashblock"]["kept"][0].external
         assert kept[0].is_cuda != offload and (not offload or kept[0].is_pinned())
         context.reset()
-        context.pipeline_state["rollout"], context.chunk_index, context.phase = "a rollout", 1, "denoise"
+        set_rollout(context, "a rollout")
+        context.chunk_index, context.phase = 1, "denoise"
     dense = masked_attention_fp64(q, k, v)[0]
     assert rel_err(outs[False, 0], dense) <= 1e-2 and rel_err(outs[False, 1], dense) <= 1e-2
     assert torch.equal(outs[False, 1], outs[True, 1])

@@ -4,27 +4,25 @@ The tiny model is "trained" at 32×48 pixels (token grid 2×3 per frame, half-wi
 at 64×96 (4×6 tokens per frame, 3 latent frames).
 """
 
-import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
-from _helpers import masked_attention_fp64, rel_err
+from _helpers import masked_attention_fp64, rel_err, run_script
 
 import vidaccel
 from vidaccel import AccelProcessor, FreeSwimConfig, FreeSwimProcessor, Method, MethodConfig, ops
 from vidaccel.kernels.window import window_attention_reference, window_mask_reference
 from vidaccel.pipelines import FreeSwimWanPipeline, build_tiny_wan_pipeline, tiny_prompt_embeds
 from vidaccel.processors import AttentionCall, FreeSwimBatch
+from vidaccel.processors.freeswim import freeswim_batch_of, set_freeswim_batch
 from vidaccel.state import StepContext
 
 TRAIN = (32, 48)
 TARGET = (64, 96)
 GRID = (3, 4, 6)
-DEMO = Path(__file__).resolve().parents[1] / "demos" / "freeswim_upscale.py"
 
 
 @dataclass
@@ -44,7 +42,7 @@ class _CrossLog(Method):
 
     def attend(self, call, proceed):
         out, lse = proceed(call)
-        batch = call.context.pipeline_state.get("freeswim")
+        batch = freeswim_batch_of(call.context)
         self.config.log.append((batch.mode if batch else None, call.layer.index, call.q, call.k, call.v, out))
         return out, lse
 
@@ -153,11 +151,9 @@ def test_refines_a_list_of_pil_frames():
 
 
 def test_demo_writes_the_video_and_timings(tmp_path):
-    spec = importlib.util.spec_from_file_location("freeswim_upscale", DEMO)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    report = demo.main(["--out", str(tmp_path), "--frames", "5", "--steps", "2", "--native-steps", "1"])
-    assert json.loads((tmp_path / "timings.json").read_text()) == report
+    argv = ["--out", str(tmp_path), "--frames", "5", "--steps", "2", "--native-steps", "1"]
+    run_script("demos/freeswim_upscale.py", *argv)  # its command line, in its own process
+    report = json.loads((tmp_path / "timings.json").read_text())
     assert (tmp_path / report["video"]).stat().st_size > 0
     assert report["frames"] == 5 and report["size"] == [64, 96] and report["timings_s"]["refine"] > 0
 
@@ -166,7 +162,7 @@ def _self_call(q, k, v, batch, config, backend="reference"):
     context = StepContext()
     context.grid = GRID
     if batch is not None:
-        context.pipeline_state["freeswim"] = batch
+        set_freeswim_batch(context, batch)
     method = config.build()
     call = AttentionCall(torch.nn.Linear(1, 1), "self", q, k, v, context=context, backend=backend)
     return method.attend(

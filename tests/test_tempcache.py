@@ -8,14 +8,14 @@ from _tiny import tiny_causal_pipe
 
 import vidaccel
 from vidaccel import TempCacheConfig, TempCacheProcessor
-from vidaccel.cache import TempCacheKV
 from vidaccel.kernels.tempcache import (
-    tempcache_match,
     tempcache_match_fwd,
     tempcache_match_reference,
     tempcache_merge_fwd,
     tempcache_merge_reference,
 )
+from vidaccel.ops import tempcache_match
+from vidaccel.processors.tempcache import MergedKVCache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -241,7 +241,7 @@ def test_cache_is_sized_to_the_rollout_with_the_same_result(causal_pipe, monkeyp
         monkeypatch.setattr(
             vidaccel.processors.tempcache.TempCache,
             "make_kv_cache",
-            lambda self, rollout=None: TempCacheKV(self.config),
+            lambda self, rollout=None: MergedKVCache(self.config),
         )
         vidaccel.apply(pipe, config)
         full = rollout(pipe, embeds, budget_stats)
@@ -252,12 +252,12 @@ def test_cache_is_sized_to_the_rollout_with_the_same_result(causal_pipe, monkeyp
     # 3 chunks of 3 frames of 24 tokens: the last chunk is never committed, so 6 frames = 144 slots
     # against 1,536, plus one chunk of own-key slots in both
     assert sized_stats[0]["nbytes"] < budget_stats[0]["nbytes"] / 4
-    cache = TempCacheKV(config, rollout_tokens=6 * 24)
+    cache = MergedKVCache(config, rollout_tokens=6 * 24)
     assert cache.rollout_tokens == 144
     with pytest.raises(
-        ValueError, match=r"TempCacheKV.rollout_tokens must be an int in \[0, inf\) or None, got -1"
+        ValueError, match=r"MergedKVCache.rollout_tokens must be an int in \[0, inf\) or None, got -1"
     ):
-        TempCacheKV(config, rollout_tokens=-1)
+        MergedKVCache(config, rollout_tokens=-1)
 
 
 def test_rollout_longer_than_the_budget_keeps_the_budget(causal_pipe):

@@ -1,13 +1,11 @@
 """WorldModelPipeline: the shipped weights, rollouts from context frames with actions or a policy,
-equality with the training script's evaluation rollout, vidaccel methods on it, errors."""
+equality with the trainer's evaluation rollout, vidaccel methods on it, errors."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _helpers import load_script
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from safetensors import safe_open
 
@@ -21,9 +19,10 @@ from vidaccel.pipelines import (
     WorldModelPipeline,
     random_actions,
 )
+from vidaccel.pipelines.training import Trainer
+from vidaccel.pipelines.training_data import Data
 from vidaccel.pipelines.world_model import default_metadata, world_model_config
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "demos" / "train_world_model.py"
 TINY = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2)
 REFERENCE = "reference"  # vidaccel's PyTorch attention: the Triton interpreter is too slow for rollouts
 SHIPPED = (DEFAULT_WORLD_MODEL / "diffusion_pytorch_model.safetensors").is_file()
@@ -147,8 +146,7 @@ def test_missing_weights_error(tmp_path):
 
 def test_rollout_equals_training_evaluation():
     """The pipeline (KV cache, context prefill, action planes, clamped commits) samples exactly what
-    the training script's evaluation samples (whole-sequence recompute, block-causal mask)."""
-    train = load_script(TRAIN_SCRIPT)
+    the trainer's evaluation samples (whole-sequence recompute, block-causal mask)."""
     pipe = _tiny_pipe()
     frames, actions = _episode(7)
     video = pipe(
@@ -156,11 +154,11 @@ def test_rollout_equals_training_evaluation():
     ).frames
     assert video.shape == (1, 3, 64, 64, 3)
 
-    trainer = train.Trainer(torch.device("cpu"))
+    trainer = Trainer(torch.device("cpu"))
     reference = WanTransformer3DModel.from_config(pipe.transformer.config)
     reference.load_state_dict(pipe.transformer.state_dict())
     trainer.install(reference)
-    data = train.Data(frames[None], np.array(actions)[None], np.array([2]), torch.device("cpu"))
+    data = Data(frames[None], np.array(actions)[None], np.array([2]), torch.device("cpu"))
     expected = trainer.rollout(
         reference, data, 4, 3, pipe.metadata["denoising_timesteps"], pipe.metadata["shift"], seed=3
     )

@@ -1,9 +1,9 @@
 """vidaccel: training-free acceleration for video diffusion in diffusers.
 
-    import vidaccel
-    vidaccel.apply(pipe, *configs)                                  # processors + step context
-    pipe.transformer.set_attn_processor(vidaccel.DenseProcessor())  # processors only
-    vidaccel.remove(pipe)                                           # back to the stock processors
+import vidaccel
+vidaccel.apply(pipe, *configs)                                  # processors + step context
+pipe.transformer.set_attn_processor(vidaccel.DenseProcessor())  # processors only
+vidaccel.remove(pipe)                                           # back to the stock processors
 """
 
 from . import metrics, ops

@@ -15,8 +15,7 @@ import weakref
 
 import torch
 
-from vidaccel.config import MethodConfig
-from vidaccel.processors.base import AccelProcessor, check_no_context_parallel
+from vidaccel.processors.base import AccelProcessor, MethodConfig, check_no_context_parallel
 from vidaccel.processors.registry import adapter_for_model
 from vidaccel.state import attach_context, detach_context
 

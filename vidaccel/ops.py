@@ -11,6 +11,12 @@ Example::
     plan = ops.plan_blocks(block_mask, (128, 128))                     # once per step
     out = ops.attention(q, k, v, plan=plan)                            # block-sparse, every layer
     out, lse = ops.merge_attention(out_a, lse_a, out_b, lse_b)         # split-KV merge
+
+This module is the one place that picks kernel or reference, for every kernel family: attention,
+merge, window (above), k-means (:func:`kmeans_assign`, :func:`kmeans_update`) and TempCache's cache
+update (:func:`tempcache_match`, :func:`tempcache_merge`). Each kernel module of
+:mod:`vidaccel.kernels` declares its ``unsupported_reason(...)`` check and keeps its reference beside
+the kernel; the choice and its one warning per reason (:func:`warn_once`) are made here.
 """
 
 from __future__ import annotations
@@ -24,7 +30,19 @@ import torch
 from vidaccel.kernels.plan import BlockPlan, check_block_size, plan_blocks
 from vidaccel.kernels.reference import attention_reference, merge_attention_reference
 
-__all__ = ["attention", "merge_attention", "plan_blocks", "BlockPlan", "BACKENDS", "window_attention"]
+__all__ = [
+    "BACKENDS",
+    "BlockPlan",
+    "attention",
+    "kmeans_assign",
+    "kmeans_update",
+    "merge_attention",
+    "plan_blocks",
+    "tempcache_match",
+    "tempcache_merge",
+    "warn_once",
+    "window_attention",
+]
 
 BACKENDS = ("auto", "triton", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -78,7 +96,9 @@ def attention(
         plan = plan_blocks(block_mask, block_size)
     elif plan is not None:
         if not isinstance(plan, BlockPlan):
-            raise ValueError(f"plan must be a BlockPlan from vidaccel.ops.plan_blocks, got {type(plan).__name__}")
+            raise ValueError(
+                f"plan must be a BlockPlan from vidaccel.ops.plan_blocks, got {type(plan).__name__}"
+            )
         _check_layout(plan.block_mask, "plan", plan.block_size, q, batch, heads, seq_q, seq_k)
     if plan is not None and plan.kv_indices.device != q.device:
         plan = plan.to(q.device)
@@ -108,13 +128,17 @@ def merge_attention(
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if out_a.dim() != 4 or out_a.shape != out_b.shape:
-        raise ValueError(f"out_a and out_b must be [B, S, H, D] of one shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}")
+        raise ValueError(
+            f"out_a and out_b must be [B, S, H, D] of one shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}"
+        )
     if out_a.dtype != out_b.dtype or out_a.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_a and out_b must share one float dtype, got {out_a.dtype} and {out_b.dtype}")
     batch, seq, heads, _ = out_a.shape
     for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if tuple(lse.shape) != (batch, heads, seq) or lse.dtype != torch.float32:
-            raise ValueError(f"{name} must be fp32 [B, H, S] = {(batch, heads, seq)}, got {tuple(lse.shape)} {lse.dtype}")
+            raise ValueError(
+                f"{name} must be fp32 [B, H, S] = {(batch, heads, seq)}, got {tuple(lse.shape)} {lse.dtype}"
+            )
     devices = {t.device for t in (out_a, lse_a, out_b, lse_b)}
     if len(devices) != 1:
         raise ValueError(f"merge_attention inputs must be on one device, got {sorted(map(str, devices))}")
@@ -163,22 +187,7 @@ def window_attention(
     _check_backend(backend)
     _check_qkv(q, k, v)
     _check_inference(q, k, v)
-    if (
-        not isinstance(grid, (tuple, list))
-        or len(grid) != 3
-        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-    ):
-        raise ValueError(f"grid must be three positive ints (T, H, W), got {grid!r}")
-    if math.prod(grid) != q.shape[1] or k.shape[1] != q.shape[1]:
-        raise ValueError(f"grid {tuple(grid)} holds {math.prod(grid)} tokens; q has {q.shape[1]} and k {k.shape[1]}")
-    if (
-        not isinstance(half_window, (tuple, list))
-        or len(half_window) != 2
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in half_window)
-    ):
-        raise ValueError(f"half_window must be two ints >= 0 (d_h, d_w), got {half_window!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite float > 0 (or None for 1/sqrt(D)), got {scale!r}")
+    _check_window(q, k, grid, half_window, scale)
     from vidaccel.kernels.window import (
         DEFAULT_TILES,
         plan_window,
@@ -189,15 +198,7 @@ def window_attention(
     if window_covers_grid(grid, half_window):
         return attention(q, k, v, scale=scale, return_lse=return_lse, backend=backend)
     tiles = DEFAULT_TILES if tiles is None else tiles
-    if (
-        not isinstance(tiles, (tuple, list))
-        or len(tiles) != 2
-        or not all(
-            isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(x, int) and x >= 1 for x in t)
-            for t in tiles
-        )
-    ):
-        raise ValueError(f"tiles must be ((q_rows, q_cols), (k_rows, k_cols)) of positive ints, got {tiles!r}")
+    _check_tiles(tiles)
     plan = plan_window(grid, half_window, tiles, q.device)
     reason = None if backend == "reference" else _kernel_unsupported_reason("window", q, k, v, plan)
     if _use_triton_for(backend, q, reason, "window_attention"):
@@ -207,6 +208,144 @@ def window_attention(
     return window_attention_reference(
         q, k, v, grid=tuple(grid), half_window=tuple(half_window), scale=scale, return_lse=return_lse
     )
+
+
+def kmeans_assign(
+    x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2", *, backend: str = "auto"
+) -> torch.Tensor:
+    """Nearest centroid of each point: ``x`` ``[G, N, D]``, ``centroids`` ``[G, C, D]`` → int64
+    assignment ``[G, N]``; ``metric`` ``"l2"`` or ``"ip"`` (largest inner product). Kernel:
+    :mod:`vidaccel.kernels.kmeans` (CUDA, or CPU under the interpreter); reference elsewhere and
+    with ``backend="reference"``."""
+    from vidaccel.kernels import kmeans as km
+
+    _check_backend(backend)
+    reason = None if backend == "reference" else _kernel_unsupported_reason("kmeans", x)
+    if _use_triton_for(backend, x, reason, "kmeans_assign", interpreted=True):
+        return km.kmeans_assign_fwd(x, centroids, metric)[0]
+    return km.kmeans_assign_reference(x, centroids, metric)[0]
+
+
+def kmeans_update(
+    x: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """One Lloyd update: the mean of each centroid's points (``assign`` ``[G, N]``, ``-1``: none), the
+    old centroid where a cluster is empty. ``-> [G, C, D]``; ``backend`` as for :func:`kmeans_assign`."""
+    from vidaccel.kernels import kmeans as km
+
+    _check_backend(backend)
+    reason = None if backend == "reference" else _kernel_unsupported_reason("kmeans", x)
+    if _use_triton_for(backend, x, reason, "kmeans_update", interpreted=True):
+        return km.kmeans_update_fwd(x, assign, centroids)
+    return km.kmeans_update_reference(x, assign, centroids)
+
+
+def tempcache_match(
+    keys: torch.Tensor,
+    reps: torch.Tensor,
+    *,
+    slot_map: torch.Tensor | None = None,
+    num_reps: torch.Tensor | None = None,
+    start: int = 0,
+    width: int = 1,
+    radius: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best candidate representative of each new key by cosine similarity (TempCache's match).
+
+    Args:
+        keys: L2-normalised new keys ``[B, S, H, D]`` (one frame, raster order).
+        reps: L2-normalised representative keys ``[B, C, H, D]`` (the cache's match keys).
+        slot_map: int32 ``[B, H, M]``: candidate ``j`` is slot ``slot_map[b, h, j]`` (``-1``: none);
+            ``j`` is a grid position of the previous frame (``M`` = tokens per frame). Exclusive with
+            ``num_reps``.
+        num_reps: int32 ``[B, H]``: candidates are the slots ``start <= c < num_reps[b, h]``.
+        start: first candidate slot with ``num_reps`` (e.g. the first slot after the sinks).
+        width: grid width (tokens per row), used with ``slot_map`` and ``radius >= 0``.
+        radius: with ``slot_map``, keep only candidates within ``radius`` rows and columns of the key's
+            own grid position (``-1``: the whole map).
+
+    Returns ``(best_sim fp32 [B, H, S], best_slot int32 [B, H, S])``; ``best_slot = -1`` and
+    ``best_sim = -inf`` where a key has no candidate. Ties go to the lowest slot.
+
+    Example::
+
+        sim, slot = ops.tempcache_match(k_new, cache_keys, slot_map=previous_frame_slots, width=52, radius=2)
+        merge = (slot >= 0) & (sim >= 0.95)
+    """
+    from vidaccel.kernels import tempcache as tc
+
+    tc.check_match(keys, reps, slot_map, num_reps)
+    options = dict(slot_map=slot_map, num_reps=num_reps, start=start, width=width, radius=radius)
+    reason = _kernel_unsupported_reason("tempcache", keys)
+    if _use_triton_for("auto", keys, reason, "tempcache_match", interpreted=True):
+        return tc.tempcache_match_fwd(keys, reps, **options)
+    return tc.tempcache_match_reference(keys, reps, **options)
+
+
+def tempcache_merge(rep_k, rep_v, rep_m, count, log_count, k, v, m, slot, merge, sim) -> None:
+    """Write one frame's keys into TempCache's representatives, in place (TempCache's merge).
+
+    Args:
+        rep_k: representative keys ``[B, C, H, D]`` (post-rotary: what attention sees).
+        rep_v: representative values ``[B, C, H, Dv]`` (the running mean of the merged values).
+        rep_m: representative match keys ``[B, C, H, D]`` (normalised).
+        count: int32 ``[B, H, C]``: keys merged into each representative.
+        log_count: fp32 ``[B, H, C']`` with ``C' >= C``: ``log(count)``, the attention bias.
+        k, v, m: the frame's keys ``[B, S, H, D]``, values ``[B, S, H, Dv]``, match keys ``[B, S, H, D]``.
+        slot: int32/int64 ``[B, H, S]``: the slot each key goes to (``0 <= slot < C``).
+        merge: bool ``[B, H, S]``: ``True`` merges into the representative at ``slot``; ``False``
+            starts a new representative there (count 1, replacing whatever the slot held). A slot
+            receives either merging keys only or exactly one new key.
+        sim: fp32 ``[B, H, S]``: each key's match similarity.
+
+    Several keys merging into one representative in the same call all count (deterministically):
+    ``count += n``, ``value = (count_old * value + sum of the n values) / (count_old + n)``, and the
+    representative takes the key (and match key) with the highest ``sim``, ties to the lowest token.
+    """
+    from vidaccel.kernels import tempcache as tc
+
+    args = (rep_k, rep_v, rep_m, count, log_count, k, v, m, slot, merge, sim)
+    if _use_triton_for(
+        "auto", k, _kernel_unsupported_reason("tempcache", k), "tempcache_merge", interpreted=True
+    ):
+        tc.tempcache_merge_fwd(*args)
+    else:
+        tc.tempcache_merge_reference(*args)
+
+
+def _check_window(q, k, grid, half_window, scale) -> None:
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 3
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+    ):
+        raise ValueError(f"grid must be three positive ints (T, H, W), got {grid!r}")
+    if math.prod(grid) != q.shape[1] or k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"grid {tuple(grid)} holds {math.prod(grid)} tokens; q has {q.shape[1]} and k {k.shape[1]}"
+        )
+    if (
+        not isinstance(half_window, (tuple, list))
+        or len(half_window) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in half_window)
+    ):
+        raise ValueError(f"half_window must be two ints >= 0 (d_h, d_w), got {half_window!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite float > 0 (or None for 1/sqrt(D)), got {scale!r}")
+
+
+def _check_tiles(tiles) -> None:
+    if (
+        not isinstance(tiles, (tuple, list))
+        or len(tiles) != 2
+        or not all(
+            isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(x, int) and x >= 1 for x in t)
+            for t in tiles
+        )
+    ):
+        raise ValueError(
+            f"tiles must be ((q_rows, q_cols), (k_rows, k_cols)) of positive ints, got {tiles!r}"
+        )
 
 
 def _check_backend(backend):
@@ -220,7 +359,9 @@ def _check_qkv(q, k, v):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a 4-D tensor [B, S, H, D], got {got}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q, k, v must share one float dtype (fp16, bf16, fp32, fp64), got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share one float dtype (fp16, bf16, fp32, fp64), got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
@@ -249,7 +390,9 @@ def _check_key_bias(key_bias, q, batch, heads, seq_k):
         raise ValueError(f"key_bias must be a 3-D tensor [B|1, H|1, Sk], got {got}")
     b, h, s = key_bias.shape
     if b not in (1, batch) or h not in (1, heads) or s != seq_k:
-        raise ValueError(f"key_bias must be [B|1, H|1, Sk] = [{batch}|1, {heads}|1, {seq_k}], got {tuple(key_bias.shape)}")
+        raise ValueError(
+            f"key_bias must be [B|1, H|1, Sk] = [{batch}|1, {heads}|1, {seq_k}], got {tuple(key_bias.shape)}"
+        )
     if key_bias.dtype != torch.float32:
         raise ValueError(f"key_bias must be float32, got {key_bias.dtype}")
     if key_bias.device != q.device:
@@ -260,7 +403,9 @@ def _check_layout(mask, name, block_size, q, batch, heads, seq_q, seq_k):
     bq, bk = block_size
     n_q, n_k = -(-seq_q // bq), -(-seq_k // bk)
     if mask.dtype != torch.bool or mask.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D bool tensor [B|1, H|1, n_q_blocks, n_k_blocks], got {tuple(mask.shape)} {mask.dtype}")
+        raise ValueError(
+            f"{name} must be a 4-D bool tensor [B|1, H|1, n_q_blocks, n_k_blocks], got {tuple(mask.shape)} {mask.dtype}"
+        )
     b, h, mq, mk = mask.shape
     if b not in (1, batch) or h not in (1, heads) or (mq, mk) != (n_q, n_k):
         raise ValueError(
@@ -289,6 +434,10 @@ def _kernel_unsupported_reason(kernel: str, *args):
             from vidaccel.kernels.attention import unsupported_reason
         elif kernel == "window":
             from vidaccel.kernels.window import unsupported_reason
+        elif kernel == "kmeans":
+            from vidaccel.kernels.kmeans import unsupported_reason
+        elif kernel == "tempcache":
+            from vidaccel.kernels.tempcache import unsupported_reason
         else:
             from vidaccel.kernels.merge import unsupported_reason
     except ImportError as exc:  # no Triton on this platform
@@ -296,10 +445,13 @@ def _kernel_unsupported_reason(kernel: str, *args):
     return unsupported_reason(*args)
 
 
-def _use_triton_for(backend, tensor, reason, op) -> bool:
+def _use_triton_for(backend, tensor, reason, op, *, interpreted: bool = False) -> bool:
+    """Whether ``op`` runs its Triton kernel: ``reason`` (the kernel's declared check) says why not.
+    ``interpreted``: with ``backend="auto"``, CPU tensors under ``TRITON_INTERPRET=1`` run the kernel
+    too (the small cache-update and k-means kernels; attention runs its reference there)."""
     if backend == "reference":
         return False
-    device_ok = tensor.is_cuda or (backend == "triton" and _interpreting())
+    device_ok = tensor.is_cuda or ((backend == "triton" or interpreted) and _interpreting())
     if backend == "triton":
         if not device_ok:
             raise ValueError(
@@ -307,17 +459,28 @@ def _use_triton_for(backend, tensor, reason, op) -> bool:
                 "Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
             )
         if reason is not None:
-            raise ValueError(f"backend='triton' cannot serve this {op} call: {reason}; use backend='auto' or 'reference'")
+            raise ValueError(
+                f"backend='triton' cannot serve this {op} call: {reason}; use backend='auto' or 'reference'"
+            )
         return True
-    if not tensor.is_cuda:
+    if not device_ok:
         reason = f"tensors on {tensor.device.type} (the Triton kernels run on CUDA)"
     if reason is not None:
-        _warn_once(f"vidaccel.ops.{op}: running the PyTorch reference instead of the Triton kernel: {reason}")
+        warn_once(
+            f"vidaccel.ops.{op}: running the PyTorch reference instead of the Triton kernel: {reason}",
+            stacklevel=4,
+        )
         return False
     return True
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+def warn_once(
+    message: str, *, seen: set[str] | None = None, category=UserWarning, stacklevel: int = 3
+) -> None:
+    """Warn with ``message`` unless it was warned before: once per process (``seen=None``), or once
+    per owner of the set ``seen`` (a processor or cache warns once per instance). The one warn-once
+    helper of vidaccel."""
+    seen = _warned if seen is None else seen
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(message, category, stacklevel=stacklevel)

@@ -24,6 +24,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 __all__ = [
     "HOOK_NAME",
+    "ROLLOUT_PHASES",
     "ForwardInputs",
     "LayerInfo",
     "StepContext",
@@ -32,6 +33,9 @@ __all__ = [
     "context_of",
     "detach_context",
 ]
+
+ROLLOUT_PHASES = ("denoise", "commit")
+"""The phases of a rollout forward (:meth:`StepContext.enter_chunk`)."""
 
 HOOK_NAME = "vidaccel_step_context"
 """Name of the step-context hook in a transformer's diffusers ``HookRegistry``."""
@@ -83,8 +87,8 @@ class StepContext:
 
     Filled at each forward by the hook (``grid``, ``batch_size``, ``timestep``, ``step_index``,
     ``pass_index``) and by diffusers' ``cache_context`` (``cache_context``); ``phase``,
-    ``chunk_index``, ``chunk_step`` and ``reset_on_timestep_jump`` are set by vidaccel's own
-    pipelines. Every per-generation field goes back to its default at :meth:`reset`.
+    ``chunk_index`` and ``chunk_step`` are set by vidaccel's rollout pipelines (:meth:`enter_chunk`),
+    and ``reset_on_timestep_jump`` by any pipeline whose steps restart from high noise. Every per-generation field goes back to its default at :meth:`reset`.
 
     Attributes:
         grid: token grid ``(T, H, W)`` of the current forward, or ``None`` before the first.
@@ -109,8 +113,11 @@ class StepContext:
             :class:`ForwardInputs`); ``None`` outside a forward. A processor may cache what it derives
             from them (the prompt's cross-attention K/V) keyed on these tensors' identity.
         pipeline_state: what a vidaccel pipeline tells the processors about the current forward,
-            one key per pipeline (``"rollout"``: ``CausalWanPipeline``; ``"freeswim"``:
-            ``FreeSwimWanPipeline``); empty for stock pipelines. Cleared at :meth:`reset`.
+            read and written only through the typed accessors of the module that owns each entry
+            (:func:`vidaccel.rollout.rollout_of` / ``set_rollout`` for a rollout's
+            :class:`~vidaccel.rollout.RolloutState`;
+            :func:`vidaccel.processors.freeswim.freeswim_batch_of` / ``set_freeswim_batch``); empty
+            for stock pipelines. Cleared at :meth:`reset`.
     """
 
     def __init__(self) -> None:
@@ -145,6 +152,13 @@ class StepContext:
     def layer(self, attn: torch.nn.Module) -> LayerInfo | None:
         """The :class:`LayerInfo` recorded for ``attn`` at apply, or ``None`` for an unknown module."""
         return self._layers.get(attn)
+
+    def enter_chunk(self, chunk_index: int, phase: str, chunk_step: int | None = None) -> None:
+        """Where a rollout pipeline is, set before each of its forwards: chunk ``chunk_index``, phase
+        ``"denoise"`` (at step ``chunk_step`` of the chunk) or ``"commit"`` (``chunk_step`` ``None``)."""
+        if phase not in ROLLOUT_PHASES:
+            raise ValueError(f"phase must be one of {ROLLOUT_PHASES}, got {phase!r}")
+        self.chunk_index, self.phase, self.chunk_step = chunk_index, phase, chunk_step
 
     def begin_forward(self, inputs: ForwardInputs) -> None:
         """Advance to the forward described by ``inputs`` (called by the hook before each forward)."""
@@ -255,7 +269,9 @@ class _StepContextHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, context: StepContext, read_inputs: Callable[[torch.nn.Module, tuple, dict], ForwardInputs]):
+    def __init__(
+        self, context: StepContext, read_inputs: Callable[[torch.nn.Module, tuple, dict], ForwardInputs]
+    ):
         super().__init__()
         self.context = context
         self.cache_context_receiver = _CacheContextReceiver(context)

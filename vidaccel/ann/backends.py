@@ -13,15 +13,13 @@ Every tensor is grouped: ``G`` independent problems (one per batch entry and hea
 
 from __future__ import annotations
 
-import os
-import warnings
 from abc import ABC, abstractmethod
 
 import torch
 
-__all__ = ["AnnBackend", "ExactBackend", "FaissBackend", "TritonBackend", "init_centroids"]
+from vidaccel import ops
 
-_warned: set[str] = set()
+__all__ = ["AnnBackend", "ExactBackend", "FaissBackend", "TritonBackend", "init_centroids"]
 
 
 class AnnBackend(ABC):
@@ -135,36 +133,10 @@ class TritonBackend(AnnBackend):
     name = "triton"
 
     def assign(self, x, centroids, metric="l2"):
-        from vidaccel.kernels import kmeans as km
-
-        if self._use_kernel(x):
-            return km.kmeans_assign_fwd(x, centroids, metric)[0]
-        return km.kmeans_assign_reference(x, centroids, metric)[0]
+        return ops.kmeans_assign(x, centroids, metric)
 
     def update(self, x, assign, centroids):
-        from vidaccel.kernels import kmeans as km
-
-        if self._use_kernel(x):
-            return km.kmeans_update_fwd(x, assign, centroids)
-        return km.kmeans_update_reference(x, assign, centroids)
-
-    @staticmethod
-    def _use_kernel(x: torch.Tensor) -> bool:
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            reason = f"tensors on {x.device.type} (the Triton kernels run on CUDA or in the interpreter)"
-        else:
-            try:
-                from vidaccel.kernels.kmeans import unsupported_reason
-            except ImportError as exc:
-                reason = f"Triton unavailable ({exc})"
-            else:
-                reason = unsupported_reason(x)
-        if reason is not None:
-            _warn_once(
-                f"vidaccel.ann: k-means on the PyTorch reference instead of the Triton kernels: {reason}"
-            )
-            return False
-        return True
+        return ops.kmeans_update(x, assign, centroids)
 
 
 class ExactBackend(AnnBackend):
@@ -174,14 +146,10 @@ class ExactBackend(AnnBackend):
     name = "exact"
 
     def assign(self, x, centroids, metric="l2"):
-        from vidaccel.kernels.kmeans import kmeans_assign_reference
-
-        return kmeans_assign_reference(x, centroids, metric)[0]
+        return ops.kmeans_assign(x, centroids, metric, backend="reference")
 
     def update(self, x, assign, centroids):
-        from vidaccel.kernels.kmeans import kmeans_update_reference
-
-        return kmeans_update_reference(x, assign, centroids)
+        return ops.kmeans_update(x, assign, centroids, backend="reference")
 
     def summarize_queries(self, queries, n_points, iters):
         weights = torch.full(queries.shape[:2], 1.0 / queries.shape[1], device=queries.device)
@@ -225,9 +193,7 @@ class FaissBackend(AnnBackend):
         return out
 
     def update(self, x, assign, centroids):
-        from vidaccel.kernels.kmeans import kmeans_update_reference
-
-        return kmeans_update_reference(x, assign, centroids)
+        return ops.kmeans_update(x, assign, centroids, backend="reference")
 
     def centroid_scores(self, queries, centroids):
         n_clusters = centroids.shape[1]
@@ -265,7 +231,7 @@ class FaissBackend(AnnBackend):
         if not like.is_cuda:
             return index
         if not hasattr(self.faiss, "StandardGpuResources"):
-            _warn_once(
+            ops.warn_once(
                 "vidaccel.ann: faiss has no GPU support here (faiss-cpu): CUDA tensors go through CPU indexes"
             )
             return index
@@ -323,9 +289,3 @@ def _cluster_log_size(key_bias, assign, n_clusters, keys):
     sizes = torch.zeros(assign.shape[0], n_clusters + 1, device=keys.device)
     sizes.scatter_add_(1, torch.where(assign >= 0, assign, n_clusters).long(), weight)
     return sizes[:, :-1].log() + shift
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)

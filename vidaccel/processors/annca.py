@@ -27,14 +27,22 @@ from dataclasses import dataclass
 
 import torch
 
-from vidaccel import ann
-from vidaccel.config import AnnCAConfig
+from vidaccel import ann, ops
 
-from .annsa import gather_tokens, select_clusters, warn_once
-from .base import AccelProcessor, AttentionCall, AttentionResult, Method, Proceed
+from .base import (
+    AttentionCall,
+    AttentionResult,
+    Method,
+    MethodConfig,
+    Proceed,
+    check_one_of_top_p_top_k,
+    named_processor,
+)
+from .tokens import gather_tokens, select_clusters
 
 __all__ = [
     "AnnCA",
+    "AnnCAConfig",
     "AnnCAProcessor",
     "PromptSelection",
     "PromptReps",
@@ -45,6 +53,56 @@ __all__ = [
 _STATE_KEY = "annca"
 _MAX_PROMPTS = 4  # prompts remembered per layer (cond, uncond, and room for a change of prompt)
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass
+class AnnCAConfig(MethodConfig):
+    """AnnCA: ANN-selected sparse cross-attention to the prompt (shared/METHODS.md).
+
+    The prompt keys/values are reduced once per prompt: identical (key, value) rows of a head, such
+    as Wan's zero padding to 512 tokens, merge exactly into one representative with logit bias
+    ``log(count)``. Each frame (or query block) then attends only to the representatives whose
+    estimated attention mass for it the ANN selects; the selection is rebuilt every
+    ``refresh_every`` steps.
+
+    Meaning:
+        top_p: keep, per frame or block, the prompt representatives holding this cumulative share
+            of the estimated attention mass, in (0, 1]; 1 keeps all (exact dense cross-attention).
+        top_k: keep this many representatives (>= 1). Set exactly one of top_p and top_k.
+        granularity: ``"frame"`` (one selection per latent frame; needs the step context's grid,
+            else ``"block"`` is used) or ``"block"`` (one per ``block_tokens`` query tokens).
+        refresh_every: steps between selection rebuilds (>= 1).
+    Performance:
+        ann_backend: as in :class:`AnnSAConfig`.
+        query_clusters: k-means centroids summarising a frame's queries when scoring the prompt
+            (>= 1; the exact backend scores every query).
+        kmeans_iters: Lloyd iterations for those centroids (>= 1).
+        block_tokens: query tokens per block for ``granularity="block"`` (>= 1).
+    """
+
+    top_p: float | None = None
+    top_k: int | None = None
+    granularity: str = "frame"
+    refresh_every: int = 5
+    ann_backend: str = "auto"
+    query_clusters: int = 8
+    kmeans_iters: int = 2
+    block_tokens: int = 1024
+
+    def __post_init__(self):
+        check_one_of_top_p_top_k(self)
+        if self.granularity not in ("frame", "block"):
+            raise ValueError(
+                f"{type(self).__name__}.granularity must be 'frame' or 'block', got {self.granularity!r}"
+            )
+        self.check_range("refresh_every", low=1, integer=True)
+        self.check_range("query_clusters", low=1, integer=True)
+        self.check_range("kmeans_iters", low=1, integer=True)
+        self.check_range("block_tokens", low=1, integer=True)
+        ann.check_backend_name(self.ann_backend, f"{type(self).__name__}.ann_backend")
+
+    def build(self) -> Method:
+        return AnnCA(self)
 
 
 @dataclass(frozen=True)
@@ -161,7 +219,7 @@ def run_selection(
 
 
 class AnnCA(Method):
-    """The runtime of :class:`~vidaccel.config.AnnCAConfig` (see the module docstring)."""
+    """The runtime of :class:`AnnCAConfig` (see the module docstring)."""
 
     kinds = frozenset({"cross"})
     needs_context = True
@@ -172,10 +230,10 @@ class AnnCA(Method):
 
     def attend(self, call: AttentionCall, proceed: Proceed) -> AttentionResult:
         if call.key_bias is not None or call.plan is not None:
-            warn_once(
-                self._warned,
+            ops.warn_once(
                 "AnnCA: a cross-attention call that already has a key_bias or plan from an earlier method "
                 "runs without AnnCA's selection (put AnnCA first to select its prompt tokens)",
+                seen=self._warned,
             )
             return proceed(call)
         context = call.context
@@ -223,14 +281,7 @@ class AnnCA(Method):
         return entry
 
 
-class AnnCAProcessor(AccelProcessor):
-    """:class:`~vidaccel.processors.base.AccelProcessor` running AnnCA alone:
-    ``AnnCAProcessor(config)`` is ``AccelProcessor(config)``."""
-
-    def __init__(self, config: AnnCAConfig, *, backend: str = "auto") -> None:
-        if not isinstance(config, AnnCAConfig):
-            raise ValueError(f"config must be a vidaccel.AnnCAConfig, got {type(config).__name__}")
-        super().__init__(config, backend=backend)
+AnnCAProcessor = named_processor("AnnCAProcessor", AnnCAConfig, default=False)
 
 
 def _identity(k: torch.Tensor, v: torch.Tensor) -> tuple:

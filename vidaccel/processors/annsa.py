@@ -31,59 +31,91 @@ Example::
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from vidaccel import ann
-from vidaccel.config import AnnSAConfig
-from vidaccel.kernels.plan import BlockPlan, plan_blocks
+from vidaccel import ann, ops
+from vidaccel._compat import renamed
+from vidaccel.kernels.plan import plan_blocks
 
-from .base import AccelProcessor, AttentionCall, AttentionResult, Method, Proceed
+from . import tokens
+from .base import (
+    AttentionCall,
+    AttentionResult,
+    Method,
+    MethodConfig,
+    Proceed,
+    check_one_of_top_p_top_k,
+    named_processor,
+)
+from .tokens import PermutedPlan, run_plan, select_clusters, token_rows
 
-__all__ = [
-    "AnnSA",
-    "AnnSAPlan",
-    "AnnSAProcessor",
-    "build_plan",
-    "chain_order",
-    "gather_tokens",
-    "run_plan",
-    "select_clusters",
-]
+__all__ = ["AnnSA", "AnnSAConfig", "AnnSAPlan", "AnnSAProcessor", "build_plan", "chain_order", "plan_of"]
 
-_STATE_KEY = "annsa"
+AnnSAPlan = PermutedPlan
+"""AnnSA's plan: a :class:`~vidaccel.processors.tokens.PermutedPlan`."""
 
 
-@dataclass(frozen=True)
-class AnnSAPlan:
-    """A routed block-sparse layout in permuted token order, with its permutations.
+@dataclass
+class AnnSAConfig(MethodConfig):
+    """AnnSA: ANN-routed block-sparse self-attention (shared/METHODS.md).
 
-    Attributes:
-        blocks: the :class:`BlockPlan` ``[B, H, nq, nk]`` over permuted queries and keys.
-        q_perm: int64 ``[B, H, Sq]``: permuted query ``i`` of head ``h`` is query ``q_perm[b, h, i]``.
-        q_inverse: int64 ``[B, H, Sq]``, the inverse of ``q_perm``.
-        k_perm: int64 ``[B, H, Sk]``, likewise for keys.
-        q_rows, q_inverse_rows, k_rows: the same permutations as flat row indices into a
-            ``[B * S * H, D]`` view of the tokens (:func:`token_rows`), so a call gathers in one kernel.
-        centroids: fp32 ``[B*H, C, D]``, the key centroids (the next rebuild's warm start).
-        signature: ``(B, Sq, Sk, H, D, Dv, device)`` of the calls the plan serves.
+    Per layer and head, the keys are clustered by k-means (warm-started from the previous plan's
+    centroids), tokens are permuted so that clusters are contiguous (queries grouped by the key
+    cluster they score highest), and each query block visits the key blocks of the clusters that an
+    ANN routing by centroid score selects. The plan is rebuilt every ``refresh_every`` steps and
+    reused in between and across CFG passes.
+
+    Meaning:
+        n_clusters: k-means clusters per layer and head (>= 1; capped at the number of keys).
+        top_p: keep, per query block, the clusters holding this cumulative share of the estimated
+            attention mass, in (0, 1]; 1 keeps every cluster (exact dense attention).
+        top_k: keep this many clusters per query block (>= 1). Set exactly one of top_p and top_k.
+        refresh_every: steps between plan rebuilds (>= 1).
+        dense_layers: the first blocks (transformer layers) that stay dense (>= 0).
+        dense_steps: the first denoising steps that stay dense (>= 0); in rollouts the steps of each
+            chunk (``context.chunk_step``).
+        sink_tokens: the first keys that every query block always visits (>= 0).
+    Performance:
+        ann_backend: ``"auto"`` (triton on CUDA, faiss on CPU when installed, else exact),
+            ``"triton"``, ``"faiss"`` or ``"exact"`` (see :mod:`vidaccel.ann`).
+        kmeans_iters: Lloyd iterations per rebuild (>= 1).
+        block_size: tokens per query and key block of the sparse layout; ``None``: 128 on CUDA, 32
+            elsewhere. The Triton kernel needs a multiple of 32 (others run on the reference).
+
+    Without the step context (plain ``set_attn_processor``) the layer and step are unknown: every
+    layer and step is sparse and the plan is rebuilt at every call.
     """
 
-    blocks: BlockPlan
-    q_perm: torch.Tensor
-    q_inverse: torch.Tensor
-    k_perm: torch.Tensor
-    q_rows: torch.Tensor
-    q_inverse_rows: torch.Tensor
-    k_rows: torch.Tensor
-    centroids: torch.Tensor
-    signature: tuple
+    n_clusters: int = 64
+    top_p: float | None = None
+    top_k: int | None = None
+    refresh_every: int = 5
+    dense_layers: int = 1
+    dense_steps: int = 2
+    sink_tokens: int = 0
+    ann_backend: str = "auto"
+    kmeans_iters: int = 2
+    block_size: int | None = None
 
-    def density(self) -> float:
-        """Fraction of (query block, key block) pairs visited."""
-        return self.blocks.density()
+    def __post_init__(self):
+        self.check_range("n_clusters", low=1, integer=True)
+        check_one_of_top_p_top_k(self)
+        self.check_range("refresh_every", low=1, integer=True)
+        self.check_range("dense_layers", low=0, integer=True)
+        self.check_range("dense_steps", low=0, integer=True)
+        self.check_range("sink_tokens", low=0, integer=True)
+        self.check_range("kmeans_iters", low=1, integer=True)
+        if self.block_size is not None:
+            self.check_range("block_size", low=1, integer=True)
+        ann.check_backend_name(self.ann_backend, f"{type(self).__name__}.ann_backend")
+
+    def build(self) -> Method:
+        return AnnSA(self)
+
+
+_STATE_KEY = "annsa"
 
 
 def build_plan(
@@ -112,8 +144,67 @@ def build_plan(
     kg = k.transpose(1, 2).reshape(groups, seq_k, dim)  # [G, Sk, D]
     qg = q.transpose(1, 2).reshape(groups, seq_q, dim)
     bias = None if key_bias is None else key_bias.expand(batch, heads, seq_k).reshape(groups, seq_k)
+    keys = _cluster_keys(kg, bias, config, backend, centroids)
+
+    # Queries: grouped by the key cluster they score highest, in layout order.
+    q_assign = backend.assign(qg, keys.centroids, "ip")
+    q_perm = torch.sort(torch.gather(keys.rank, 1, q_assign.long()), dim=1, stable=True).indices  # [G, Sq]
+    offsets = torch.arange(groups, device=q.device)[:, None] * seq_q
+    q_sorted = qg.reshape(-1, dim).index_select(0, (q_perm + offsets).reshape(-1)).view(groups, seq_q, dim)
+
+    mass = backend.cluster_mass(q_sorted, kg, bias, keys.assign, keys.centroids, scale)  # [G, Sq, C]
+    n_q_blocks = -(-seq_q // bq)
+    # Every query keeps its own top_k clusters (or top_p of its own mass); a query block visits the
+    # union over its queries, so no query loses its own clusters to a block majority.
+    per_query = select_clusters(mass, top_p=config.top_p, top_k=config.top_k)
+    selected = _block_reduce(per_query, bq, n_q_blocks, "any")
+
+    n_k_blocks = -(-seq_k // bk)
+    block_ids = torch.arange(n_k_blocks, device=k.device)
+    first, last = keys.starts // bk, (keys.starts + keys.sizes - 1) // bk
+    covers = (
+        (block_ids >= first[..., None]) & (block_ids <= last[..., None]) & (keys.sizes[..., None] > 0)
+    )  # [G, C, nk]
+    mask = torch.matmul(selected.float(), covers.float()) > 0  # [G, nq, nk]
+    mask[..., : -(-keys.sinks // bk)] = True
+
+    shape = (batch, heads)
+    q_perm, k_perm = q_perm.view(*shape, seq_q), keys.perm.view(*shape, seq_k)
+    q_inverse = torch.argsort(q_perm, dim=2)
+    return AnnSAPlan(
+        blocks=plan_blocks(mask.view(*shape, n_q_blocks, n_k_blocks), (bq, bk)),
+        q_perm=q_perm,
+        q_inverse=q_inverse,
+        k_perm=k_perm,
+        q_rows=token_rows(q_perm, seq_q),
+        q_inverse_rows=token_rows(q_inverse, seq_q),
+        k_rows=token_rows(k_perm, seq_k),
+        centroids=keys.centroids,
+        signature=_signature(q, k, v_dim or dim),
+    )
+
+
+@dataclass(frozen=True)
+class _KeyLayout:
+    """The clustered keys of one plan: ``centroids`` ``[G, C, D]``, ``assign`` ``[G, Sk]``, ``rank``
+    (each cluster's layout position) ``[G, C]``, the key permutation ``perm`` ``[G, Sk]``, each
+    cluster's ``sizes`` and first permuted position ``starts`` ``[G, C]``, and the ``sinks`` count."""
+
+    centroids: torch.Tensor
+    assign: torch.Tensor
+    rank: torch.Tensor
+    perm: torch.Tensor
+    sizes: torch.Tensor
+    starts: torch.Tensor
+    sinks: int
+
+
+def _cluster_keys(kg, bias, config: AnnSAConfig, backend, centroids) -> _KeyLayout:
+    """k-means over the grouped keys ``kg`` ``[G, Sk, D]`` (sinks and masked keys left out) and their
+    layout: sinks first, clusters in chain order, masked keys last."""
+    groups, seq_k, dim = kg.shape
     sinks = min(config.sink_tokens, seq_k)
-    clustered = torch.arange(seq_k, device=k.device)[None, :] >= sinks  # [1, Sk]
+    clustered = torch.arange(seq_k, device=kg.device)[None, :] >= sinks  # [1, Sk]
     if bias is not None:
         clustered = clustered & torch.isfinite(bias)
     clustered = clustered.expand(groups, seq_k)
@@ -122,7 +213,7 @@ def build_plan(
     if (
         centroids is None
         or tuple(centroids.shape) != (groups, n_clusters, dim)
-        or centroids.device != k.device
+        or centroids.device != kg.device
     ):
         centroids = ann.init_centroids(kg, n_clusters)
     centroids, assign = backend.kmeans(kg, centroids, config.kmeans_iters, clustered)
@@ -134,68 +225,12 @@ def build_plan(
     # Keys: sinks (-1) first, clusters in layout order, masked keys (n_clusters) last.
     sort_key = torch.where(clustered, assign_rank, n_clusters)
     sort_key[:, :sinks] = -1
-    k_perm = torch.sort(sort_key, dim=1, stable=True).indices  # [G, Sk]
-    sizes = torch.zeros(groups, n_clusters, device=k.device, dtype=torch.long)
+    perm = torch.sort(sort_key, dim=1, stable=True).indices  # [G, Sk]
+    sizes = torch.zeros(groups, n_clusters, device=kg.device, dtype=torch.long)
     sizes.scatter_add_(1, torch.where(clustered, assign.long(), 0), clustered.long())
     ranked_sizes = torch.zeros_like(sizes).scatter_(1, rank, sizes)  # [G, C] in layout order
     starts = sinks + torch.gather(torch.cumsum(ranked_sizes, 1) - ranked_sizes, 1, rank)  # [G, C]
-
-    # Queries: grouped by the key cluster they score highest, in layout order.
-    q_assign = backend.assign(qg, centroids, "ip")
-    q_perm = torch.sort(torch.gather(rank, 1, q_assign.long()), dim=1, stable=True).indices  # [G, Sq]
-    offsets = torch.arange(groups, device=q.device)[:, None] * seq_q
-    q_sorted = qg.reshape(-1, dim).index_select(0, (q_perm + offsets).reshape(-1)).view(groups, seq_q, dim)
-
-    mass = backend.cluster_mass(q_sorted, kg, bias, assign, centroids, scale)  # [G, Sq, C]
-    n_q_blocks = -(-seq_q // bq)
-    # Every query keeps its own top_k clusters (or top_p of its own mass); a query block visits the
-    # union over its queries, so no query loses its own clusters to a block majority.
-    per_query = select_clusters(mass, top_p=config.top_p, top_k=config.top_k)
-    selected = _block_reduce(per_query, bq, n_q_blocks, "any")
-
-    n_k_blocks = -(-seq_k // bk)
-    block_ids = torch.arange(n_k_blocks, device=k.device)
-    first, last = starts // bk, (starts + sizes - 1) // bk
-    covers = (
-        (block_ids >= first[..., None]) & (block_ids <= last[..., None]) & (sizes[..., None] > 0)
-    )  # [G, C, nk]
-    mask = torch.matmul(selected.float(), covers.float()) > 0  # [G, nq, nk]
-    mask[..., : -(-sinks // bk)] = True
-
-    shape = (batch, heads)
-    q_perm, k_perm = q_perm.view(*shape, seq_q), k_perm.view(*shape, seq_k)
-    q_inverse = torch.argsort(q_perm, dim=2)
-    return AnnSAPlan(
-        blocks=plan_blocks(mask.view(*shape, n_q_blocks, n_k_blocks), (bq, bk)),
-        q_perm=q_perm,
-        q_inverse=q_inverse,
-        k_perm=k_perm,
-        q_rows=token_rows(q_perm, seq_q),
-        q_inverse_rows=token_rows(q_inverse, seq_q),
-        k_rows=token_rows(k_perm, seq_k),
-        centroids=centroids,
-        signature=_signature(q, k, v_dim or dim),
-    )
-
-
-def run_plan(plan: AnnSAPlan, call: AttentionCall, proceed: Proceed) -> AttentionResult:
-    """Run ``call`` on ``plan``: permute q/k/v and ``key_bias``, ``proceed`` on the block-sparse
-    layout, un-permute: ``-> (out [B, Sq, H, Dv], lse fp32 [B, H, Sq])`` in raster order."""
-    batch, seq_k, heads, _ = call.k.shape
-    bias = call.key_bias
-    if bias is not None:
-        bias = torch.gather(bias.expand(batch, heads, seq_k), 2, plan.k_perm)
-    permuted = call.replace(
-        q=take_rows(call.q, plan.q_rows),
-        k=take_rows(call.k, plan.k_rows),
-        v=take_rows(call.v, plan.k_rows),
-        key_bias=bias,
-        plan=plan.blocks,
-        # Cache and own keys are interleaved now, unless every key is a cache key (FlashBlock's cache part).
-        num_external=seq_k if call.num_external == seq_k else 0,
-    )
-    out, lse = proceed(permuted)
-    return take_rows(out, plan.q_inverse_rows), torch.gather(lse, 2, plan.q_inverse)
+    return _KeyLayout(centroids, assign, rank, perm, sizes, starts, sinks)
 
 
 def chain_order(centroids: torch.Tensor) -> torch.Tensor:
@@ -216,47 +251,14 @@ def chain_order(centroids: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per-head token gather: ``out[b, i, h] = x[b, index[b, h, i], h]`` for ``x [B, S, H, D]`` and
-    ``index`` int64 ``[B, H, N]`` -> contiguous ``[B, N, H, D]``."""
-    return take_rows(x, token_rows(index, x.shape[1]))
-
-
-def token_rows(index: torch.Tensor, seq: int) -> torch.Tensor:
-    """Flat row indices ``[B * N * H]`` into a ``[B * seq * H, D]`` view of ``[B, seq, H, D]`` tokens
-    that perform :func:`gather_tokens` with ``index`` int64 ``[B, H, N]``."""
-    batch, heads, _ = index.shape
-    rows = (torch.arange(batch, device=index.device)[:, None, None] * seq + index) * heads
-    rows = rows + torch.arange(heads, device=index.device)[None, :, None]  # [B, H, N]
-    return rows.transpose(1, 2).reshape(-1)
-
-
-def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x [B, S, H, D]`` gathered by flat ``rows`` (:func:`token_rows`) -> contiguous ``[B, N, H, D]``."""
-    batch, _, heads, dim = x.shape
-    return x.reshape(-1, dim).index_select(0, rows).view(batch, -1, heads, dim)
-
-
-def select_clusters(
-    mass: torch.Tensor, *, top_p: float | None = None, top_k: int | None = None
-) -> torch.Tensor:
-    """Which clusters each row keeps: ``mass`` fp32 ``[..., C]`` (rows summing to 1) -> bool ``[..., C]``.
-
-    ``top_p``: the smallest set of most massive clusters whose mass reaches ``top_p`` (at least
-    one); ``top_p >= 1`` keeps every cluster. ``top_k``: the ``min(top_k, C)`` most massive.
-    """
-    if top_k is not None:
-        chosen = mass.topk(min(top_k, mass.shape[-1]), dim=-1).indices
-        return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, chosen, True)
-    if top_p >= 1.0:
-        return torch.ones_like(mass, dtype=torch.bool)
-    ordered, order = mass.sort(dim=-1, descending=True)
-    before = torch.cumsum(ordered, dim=-1) - ordered  # mass of the clusters ranked above
-    return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, order, before < top_p)
+def plan_of(context, attn: torch.nn.Module) -> AnnSAPlan | None:
+    """The plan AnnSA last built for the self-attention module ``attn`` in this generation (benchmarks
+    read its density), or ``None``."""
+    return None if context is None else context.module_state(attn).get(_STATE_KEY, {}).get("plan")
 
 
 class AnnSA(Method):
-    """The runtime of :class:`~vidaccel.config.AnnSAConfig` (see the module docstring)."""
+    """The runtime of :class:`AnnSAConfig` (see the module docstring)."""
 
     kinds = frozenset({"self"})
     needs_context = True
@@ -270,10 +272,11 @@ class AnnSA(Method):
             # A planned call of cache keys only is FlashBlock's residual reuse, routed with this
             # method's config (FlashBlock.bind); any other plan comes from a method that AnnSA follows.
             if call.num_external != call.k.shape[1]:
-                warn_once(
-                    self._warned,
+                ops.warn_once(
                     "AnnSA: the call already has a block-sparse plan from an earlier method in the chain; "
                     "AnnSA leaves it unchanged (put AnnSA first to route it)",
+                    seen=self._warned,
+                    stacklevel=3,
                 )
             return proceed(call)
         context = call.context
@@ -303,6 +306,11 @@ class AnnSA(Method):
             call.layer is None or call.layer.index >= self.config.dense_layers
         )
 
+    def route(self, call: AttentionCall, centroids: torch.Tensor | None = None) -> AnnSAPlan | None:
+        """AnnSA's routing of ``call`` for a method before it (FlashBlock's residual reuse), k-means
+        warm-started from ``centroids``; ``None`` where AnnSA leaves the call dense (:meth:`routes`)."""
+        return self.plan(call, centroids) if self.routes(call) else None
+
     def plan(self, call: AttentionCall, centroids: torch.Tensor | None = None) -> AnnSAPlan:
         """A new plan for ``call`` with this method's config (:func:`build_plan`), k-means warm-started
         from ``centroids`` (a previous plan's) when given."""
@@ -317,21 +325,7 @@ class AnnSA(Method):
         )
 
 
-class AnnSAProcessor(AccelProcessor):
-    """:class:`~vidaccel.processors.base.AccelProcessor` running AnnSA alone:
-    ``AnnSAProcessor(config)`` is ``AccelProcessor(config)``."""
-
-    def __init__(self, config: AnnSAConfig, *, backend: str = "auto") -> None:
-        if not isinstance(config, AnnSAConfig):
-            raise ValueError(f"config must be a vidaccel.AnnSAConfig, got {type(config).__name__}")
-        super().__init__(config, backend=backend)
-
-
-def warn_once(warned: set[str], message: str) -> None:
-    """``warnings.warn(message)`` unless ``message`` is in ``warned`` (a method's set of warnings given)."""
-    if message not in warned:
-        warned.add(message)
-        warnings.warn(message, stacklevel=3)
+AnnSAProcessor = named_processor("AnnSAProcessor", AnnSAConfig, default=False)
 
 
 def _block_reduce(x: torch.Tensor, block: int, n_blocks: int, how: str) -> torch.Tensor:
@@ -351,3 +345,12 @@ def _block_reduce(x: torch.Tensor, block: int, n_blocks: int, how: str) -> torch
 def _signature(q: torch.Tensor, k: torch.Tensor, v_dim: int) -> tuple:
     batch, seq_q, heads, dim = q.shape
     return (batch, seq_q, k.shape[1], heads, dim, v_dim, q.device)
+
+
+__getattr__ = renamed(
+    __name__,
+    {
+        name: (f"vidaccel.processors.tokens.{name}", lambda name=name: getattr(tokens, name))
+        for name in ("gather_tokens", "run_plan", "select_clusters", "take_rows", "token_rows")
+    },
+)

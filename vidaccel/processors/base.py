@@ -18,45 +18,133 @@ others skip it, so the rest stays exact::
     pipe.transformer.set_attn_processor(processor)                  # processors only
     vidaccel.apply(pipe, TemperedConfig(scale=0.2))                 # processors + step context
 
-**The rollout stage.** In an autoregressive rollout (``CausalWanPipeline`` sets
-``context.pipeline_state["rollout"]``), every self-attention call first passes through the module's
-KV cache, held by the step context: the chain sees the cache followed by the call's own keys
-(``num_external`` cached keys, with the cache's ``key_bias``), and in the rollout's ``"commit"``
-phase the call's own keys and values are added to the cache after the chain has run. The cache
-comes from the first method that has ``make_kv_cache()`` (TempCache), else from the rollout
-(dense, or a rolling window).
+**Configs.** A method's user-facing half is a :class:`MethodConfig` dataclass: what a user chooses,
+validated in ``__post_init__``, and ``build()`` returning the runtime :class:`Method`::
+
+    @dataclass
+    class TemperedConfig(MethodConfig):
+        scale: float = 0.2        # meaning: the softmax scale
+
+        def __post_init__(self):
+            self.check_range("scale", low=0.0, low_open=True)
+
+        def build(self) -> Method:
+            return Tempered(self)
+
+Each method's module (``vidaccel/processors/<method>.py``) holds its config, its runtime and its
+cache or plan types.
+
+**The rollout stage.** In an autoregressive rollout (a pipeline opened a
+:class:`~vidaccel.rollout.RolloutState` on the step context), every self-attention call first passes
+through the module's KV cache, held by the step context: the chain sees the cache followed by the
+call's own keys (``num_external`` cached keys, with the cache's ``key_bias``), and in the rollout's
+``"commit"`` phase the call's own keys and values are added to the cache after the chain has run.
+The cache comes from the first method whose :meth:`Method.make_kv_cache` makes one (TempCache),
+else from the rollout (dense, or a rolling window).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from vidaccel import ops
-from vidaccel.config import MethodConfig
 from vidaccel.kernels.plan import BlockPlan
+from vidaccel.rollout import KVCache, RolloutState, kv_cache_of, rollout_of, set_kv_cache
 from vidaccel.state import LayerInfo, StepContext, context_for
 
 from .registry import adapter_for_attention
 
-if TYPE_CHECKING:
-    from vidaccel.cache import KVCache
-    from vidaccel.pipelines.causal_wan import RolloutState
-
-__all__ = ["KINDS", "AccelProcessor", "AttentionCall", "DenseProcessor", "Method", "dense_attention"]
+__all__ = [
+    "KINDS",
+    "AccelProcessor",
+    "AttentionCall",
+    "DenseProcessor",
+    "Method",
+    "MethodConfig",
+    "check_one_of_top_p_top_k",
+    "dense_attention",
+    "named_processor",
+]
 
 KINDS = ("self", "cross", "cross_image")
 """Attention call kinds: video self-attention, cross-attention to the prompt, and (I2V) to image tokens."""
 
 AttentionResult = tuple[torch.Tensor, torch.Tensor]
 """``(out [B, Sq, H, Dv] in q's dtype, lse fp32 [B, H, Sq])``, what every link of the chain returns."""
+
+
+@dataclasses.dataclass
+class MethodConfig(ABC):
+    """Base of every method's configuration.
+
+    Subclasses are ``@dataclass`` es whose fields are the method's options. They validate every field
+    in ``__post_init__`` (use :meth:`check_range`, which names the field and the allowed range in its
+    ``ValueError``) and implement :meth:`build`. A config is plain data: it holds no tensors and no
+    per-layer state, so one config may build the methods of many processors.
+    """
+
+    @abstractmethod
+    def build(self) -> Method:
+        """The runtime :class:`Method` this config describes."""
+
+    def check_range(
+        self,
+        field: str,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        high_open: bool = False,
+        integer: bool = False,
+    ) -> None:
+        """Raise ``ValueError`` unless ``self.<field>`` is a number in the given range.
+
+        ``low``/``high`` bound the range (``None``: unbounded), inclusive unless ``low_open`` /
+        ``high_open``; ``integer`` also requires an ``int`` (``bool`` is never accepted). The message
+        names the config, the field, the allowed range and the value, e.g.
+        ``"AnnSAConfig.top_p must be a float in (0, 1], got 1.5"``.
+        """
+        value = getattr(self, field)
+        kind = "an int" if integer else "a float"
+        left = "-inf" if low is None else _fmt(low)
+        right = "inf" if high is None else _fmt(high)
+        allowed = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        is_number = isinstance(value, int) if integer else isinstance(value, (int, float))
+        ok = (
+            is_number
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (low is None or (value > low if low_open else value >= low))
+            and (high is None or (value < high if high_open else value <= high))
+        )
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{field} must be {kind} in {allowed}, got {value!r}")
+
+
+def _fmt(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def check_one_of_top_p_top_k(config) -> None:
+    """AnnSA/AnnCA: exactly one of ``top_p`` in (0, 1] and ``top_k`` >= 1."""
+    name = type(config).__name__
+    if (config.top_p is None) == (config.top_k is None):
+        raise ValueError(
+            f"{name}: set exactly one of top_p (cumulative mass in (0, 1]) and top_k (an int >= 1), "
+            f"got top_p={config.top_p!r}, top_k={config.top_k!r}"
+        )
+    if config.top_p is not None:
+        config.check_range("top_p", low=0.0, high=1.0, low_open=True)
+    else:
+        config.check_range("top_k", low=1, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +194,7 @@ Proceed = Callable[[AttentionCall], AttentionResult]
 
 
 class Method(ABC):
-    """The runtime half of a :class:`~vidaccel.config.MethodConfig`, built by its ``build()``.
+    """The runtime half of a :class:`MethodConfig`, built by its ``build()``.
 
     A subclass declares ``kinds`` (the call kinds it acts on, a subset of :data:`KINDS`) and
     ``needs_context`` (whether it needs the step context: step index, grid, per-layer state), and
@@ -127,9 +215,22 @@ class Method(ABC):
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
+    def make_kv_cache(self, rollout: RolloutState) -> KVCache | None:
+        """The method's own KV cache for one self-attention module of ``rollout``, or ``None`` (the
+        default) to use the rollout's (dense, or a rolling window). TempCache makes its merged cache."""
+        return None
+
+    def route(self, call: AttentionCall, centroids: torch.Tensor | None = None):
+        """This method's block-sparse routing of ``call`` for a method that runs before it and splits
+        the call (FlashBlock's residual reuse of the cache part): a
+        :class:`~vidaccel.processors.tokens.PermutedPlan` (``centroids``: a previous plan's warm
+        start), or ``None`` (the default: the method does not route, or leaves this call dense)."""
+        return None
+
     def bind(self, later: list[Method]) -> None:
         """Called once by the processor with the methods that run after this one, for a method that
-        cooperates with a later one (FlashBlock's residual reuse takes AnnSA's routing). Default: nothing."""
+        cooperates with a later one through the declared hooks (FlashBlock's residual reuse takes the
+        first later method that has a :meth:`route`). Default: nothing."""
         return None
 
     @abstractmethod
@@ -177,10 +278,14 @@ class AccelProcessor:
         for method in self.methods:
             unknown = set(method.kinds) - set(KINDS)
             if unknown:
-                raise ValueError(f"{type(method).__name__}.kinds must be a subset of {KINDS}, got {sorted(unknown)}")
+                raise ValueError(
+                    f"{type(method).__name__}.kinds must be a subset of {KINDS}, got {sorted(unknown)}"
+                )
         self.needs_context = any(method.needs_context for method in self.methods)
         self._chains = {kind: _chain([m for m in self.methods if kind in m.kinds]) for kind in KINDS}
         self._warned: set[str] = set()
+        self.makes_kv_cache = any(type(m).make_kv_cache is not Method.make_kv_cache for m in self.methods)
+        """Whether a method of this processor makes its own rollout KV caches (TempCache)."""
 
     def __call__(
         self,
@@ -209,17 +314,13 @@ class AccelProcessor:
         """Run ``call`` through the methods that act on ``call.kind``: ``-> (out, lse)``."""
         return self._chains[call.kind](call)
 
-    @property
-    def makes_kv_cache(self) -> bool:
-        """Whether a method of this processor makes its own rollout KV caches (``make_kv_cache()``)."""
-        return any(hasattr(method, "make_kv_cache") for method in self.methods)
-
     def make_kv_cache(self, rollout: RolloutState) -> KVCache:
-        """A new KV cache for one self-attention module of ``rollout``: from the first method with
-        ``make_kv_cache()``, else the rollout's own (dense, or a rolling window)."""
+        """A new KV cache for one self-attention module of ``rollout``: from the first method that
+        makes one, else the rollout's own (dense, or a rolling window)."""
         for method in self.methods:
-            if hasattr(method, "make_kv_cache"):
-                return method.make_kv_cache(rollout)
+            cache = method.make_kv_cache(rollout)
+            if cache is not None:
+                return cache
         return rollout.make_cache()
 
     def _attend(
@@ -243,8 +344,10 @@ class AccelProcessor:
             )
             return out.transpose(1, 2)
         layer = None if context is None else context.layer(attn)
-        call = AttentionCall(attn, kind, q, k, v, context=context, layer=layer, backend=self.backend, k_pre=k_pre)
-        rollout = None if context is None else context.pipeline_state.get("rollout")
+        call = AttentionCall(
+            attn, kind, q, k, v, context=context, layer=layer, backend=self.backend, k_pre=k_pre
+        )
+        rollout = rollout_of(context)
         if kind == "self" and rollout is not None:
             out, _ = self._attend_rollout(call, rollout)
         else:
@@ -253,10 +356,9 @@ class AccelProcessor:
 
     def _attend_rollout(self, call: AttentionCall, rollout: RolloutState) -> AttentionResult:
         context = call.context
-        state = context.module_state(call.attn)
-        cache = state.get("kv_cache")
+        cache = kv_cache_of(context, call.attn)
         if cache is None:
-            cache = state["kv_cache"] = self.make_kv_cache(rollout)
+            cache = set_kv_cache(context, call.attn, self.make_kv_cache(rollout))
         num_external = cache.num_external
         k_all, v_all, key_bias = cache.extend(call.k, call.v)
         result = self.attend(call.replace(k=k_all, v=v_all, key_bias=key_bias, num_external=num_external))
@@ -265,9 +367,7 @@ class AccelProcessor:
         return result
 
     def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(message, stacklevel=3)
+        ops.warn_once(message, seen=self._warned, stacklevel=4)
 
     def __repr__(self) -> str:
         configs = ", ".join(repr(config) for config in self.configs)
@@ -283,6 +383,27 @@ class DenseProcessor(AccelProcessor):
 
     def __init__(self, *, backend: str = "auto") -> None:
         super().__init__(backend=backend)
+
+
+def named_processor(name: str, config_cls: type[MethodConfig], *, default: bool) -> type[AccelProcessor]:
+    """The named processor of one method: ``<name>(config)`` is ``AccelProcessor(config)`` after checking
+    that ``config`` is a ``config_cls`` (``default``: ``config`` may be omitted for ``config_cls()``).
+    A class, so that ``isinstance`` and ``repr`` name the method."""
+
+    def __init__(self, config: MethodConfig | None = None, *, backend: str = "auto") -> None:
+        if config is None and default:
+            config = config_cls()
+        if not isinstance(config, config_cls):
+            raise ValueError(f"config must be a vidaccel.{config_cls.__name__}, got {type(config).__name__}")
+        AccelProcessor.__init__(self, config, backend=backend)
+
+    doc = (
+        f":class:`~vidaccel.processors.base.AccelProcessor` running one :class:`{config_cls.__name__}`: "
+        f"``{name}(config)`` is ``AccelProcessor(config)``."
+    )
+    return type(
+        name, (AccelProcessor,), {"__init__": __init__, "__doc__": doc, "__module__": config_cls.__module__}
+    )
 
 
 def check_no_context_parallel(parallel_config, what: str) -> None:

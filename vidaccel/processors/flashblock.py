@@ -18,8 +18,9 @@ own part changes a lot. So, per layer and pass:
   a new chunk refreshes, and the end of a generation releases everything (``StepContext.reset``).
 
 **Residual reuse with AnnSA** (``vidaccel.apply(pipe, FlashBlockConfig(), AnnSAConfig(...))``): at a
-refresh step where AnnSA routes the call, AnnSA's plan for the cache part is built
-(:meth:`~vidaccel.processors.annsa.AnnSA.plan`) and frozen until the next refresh. The routed cache
+refresh step where a later method of the chain routes the call (its
+:meth:`~vidaccel.processors.base.Method.route`: AnnSA's), its plan for the cache part is built and
+frozen until the next refresh. The routed cache
 blocks are recomputed at every step with the step's queries; the unrouted remainder (the
 complementary blocks of the same plan) is computed once at the refresh and kept with its LSE. The
 plan is frozen, not rebuilt at AnnSA's own refresh, because the kept remainder is only the exact
@@ -38,22 +39,77 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from vidaccel import ops
-from vidaccel.config import FlashBlockConfig
 from vidaccel.kernels.plan import plan_blocks
+from vidaccel.rollout import rollout_of
 
-from .annsa import AnnSA, AnnSAPlan, run_plan, warn_once
-from .base import AccelProcessor, AttentionCall, AttentionResult, Method, Proceed
+from .base import AttentionCall, AttentionResult, Method, MethodConfig, Proceed, named_processor
+from .tokens import PermutedPlan, run_plan
 
-__all__ = ["FlashBlock", "FlashBlockProcessor", "split_routing"]
+__all__ = ["FlashBlock", "FlashBlockConfig", "FlashBlockProcessor", "split_routing"]
 
 _STATE_KEY = "flashblock"
 
 
-def split_routing(plan: AnnSAPlan) -> tuple[AnnSAPlan | None, AnnSAPlan | None]:
+@dataclass
+class FlashBlockConfig(MethodConfig):
+    """FlashBlock: reuse of the block-external attention across a chunk's denoising steps
+    (shared/METHODS.md, FlashBlock), for autoregressive rollouts (``CausalWanPipeline``).
+
+    While a chunk is denoised, each self-attention call attends to the KV cache of earlier chunks
+    (external: fixed until the chunk is committed) and to the chunk itself (internal: new every
+    step). At a refresh step the external part is computed and its output and LSE are kept per
+    layer; at the other steps only the internal part is computed and merged with the kept one by
+    the exact split-KV identity. The commit pass runs plain attention and drops the kept state.
+
+    Meaning:
+        refresh_every: the external part is recomputed at the chunk steps where
+            ``chunk_step % refresh_every == 0`` (>= 1; the first step of every chunk always
+            refreshes). 1 recomputes it every step (exact dense cached attention).
+        refresh_last: also refresh at the chunk's last denoising step, the one that sets the
+            committed frame's detail (where the pipeline says how many steps a chunk has, as
+            ``CausalWanPipeline`` does). The defaults (3, ``True``) refresh Self-Forcing's 4 steps at
+            0 and 3: 2 of 4, the cost of ``refresh_every=2`` alone (steps 0 and 2), with the final
+            step exact, which is closer to dense than steps 0 and 2 on the game world model
+            (``benchmarks/results/flashblock_schedule.md``).
+    Performance:
+        offload: keep the kept external outputs in (pinned) CPU memory between steps instead of on
+            the GPU (copied back at every non-refresh step; worth it only when memory is tight).
+
+    Composition: with TempCache the external part is the merged cache with its ``log(count)`` bias.
+    With AnnSA (``vidaccel.apply(pipe, FlashBlockConfig(), AnnSAConfig(...))``) it becomes residual
+    reuse: at a refresh step AnnSA's routing of the cache part is built and frozen; the routed cache
+    blocks are recomputed every step with fresh queries, the unrouted remainder is computed once,
+    kept with its LSE and merged in (the chunk's own keys go through AnnSA as usual). FlashBlock runs
+    before AnnSA whatever the order of the configs.
+
+    Memory: the kept external output costs ``B x chunk tokens x H x Dv`` in the model's dtype (bf16)
+    plus an fp32 LSE ``B x H x chunk tokens`` per self-attention layer and pass (CFG pass). Wan2.1-1.3B
+    with 3-frame chunks (4,680 tokens, 12 heads x 128, 30 layers): 13.7 MiB + 0.2 MiB per layer,
+    0.41 GiB in all per batch entry; released at every commit. Residual reuse keeps the remainder
+    instead (the same size) plus the frozen routing plan of the cache part.
+    """
+
+    refresh_every: int = 3
+    refresh_last: bool = True
+    offload: bool = False
+
+    def __post_init__(self):
+        self.check_range("refresh_every", low=1, integer=True)
+        if not isinstance(self.refresh_last, bool):
+            raise ValueError(f"{type(self).__name__}.refresh_last must be a bool, got {self.refresh_last!r}")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"{type(self).__name__}.offload must be a bool, got {self.offload!r}")
+
+    def build(self) -> Method:
+        return FlashBlock(self)
+
+
+def split_routing(plan: PermutedPlan) -> tuple[PermutedPlan | None, PermutedPlan | None]:
     """Residual reuse's two parts of one routed plan: ``-> (routed, remainder)``.
 
     ``routed`` is ``plan`` (the blocks each query block visits), ``remainder`` the same
@@ -84,11 +140,11 @@ class _Kept:
 
     signature: tuple
     external: tuple[torch.Tensor, torch.Tensor] | None
-    routed: AnnSAPlan | None
+    routed: PermutedPlan | None
 
 
 class FlashBlock(Method):
-    """The runtime of :class:`~vidaccel.config.FlashBlockConfig` (see the module docstring)."""
+    """The runtime of :class:`FlashBlockConfig` (see the module docstring)."""
 
     kinds = frozenset({"self"})
     needs_context = True
@@ -96,20 +152,21 @@ class FlashBlock(Method):
 
     def __init__(self, config: FlashBlockConfig) -> None:
         super().__init__(config)
-        self._router: AnnSA | None = None
+        self._router: Method | None = None
         self._warned: set[str] = set()
 
     def bind(self, later: list[Method]) -> None:
-        """Take the first later AnnSA as the router of residual reuse."""
-        self._router = next((method for method in later if isinstance(method, AnnSA)), None)
+        """Take the first later method that routes (:meth:`Method.route`: AnnSA) as the router of
+        residual reuse."""
+        self._router = next((m for m in later if type(m).route is not Method.route), None)
 
     def attend(self, call: AttentionCall, proceed: Proceed) -> AttentionResult:
         context = call.context
-        if context is None or "rollout" not in context.pipeline_state:
-            warn_once(
-                self._warned,
+        rollout = rollout_of(context)
+        if rollout is None:
+            self._warn_once(
                 "FlashBlock acts on the self-attention of autoregressive rollouts (vidaccel.pipelines."
-                "CausalWanPipeline, installed with vidaccel.apply); other calls run unchanged",
+                "CausalWanPipeline, installed with vidaccel.apply); other calls run unchanged"
             )
             return proceed(call)
         num_external = call.num_external
@@ -118,10 +175,9 @@ class FlashBlock(Method):
             context.module_state(call.attn).get(_STATE_KEY, {}).pop("kept", None)
             return proceed(call)
         if call.plan is not None:
-            warn_once(
-                self._warned,
+            self._warn_once(
                 "FlashBlock: the call already has a block-sparse plan from an earlier method, which it cannot "
-                "split into cache and own keys; running it unchanged",
+                "split into cache and own keys; running it unchanged"
             )
             return proceed(call)
 
@@ -135,11 +191,7 @@ class FlashBlock(Method):
         )  # fmt: skip
         kept = kept_by_pass.get(context.pass_key)
         parts = []
-        if (
-            kept is None
-            or kept.signature != signature
-            or self.refreshes(step, context.pipeline_state["rollout"])
-        ):
+        if kept is None or kept.signature != signature or self.refreshes(step, rollout):
             kept, fresh = self._refresh(external, proceed, signature, state)
             kept_by_pass[context.pass_key] = kept
             if fresh is not None:
@@ -168,15 +220,17 @@ class FlashBlock(Method):
         self, external: AttentionCall, proceed: Proceed, signature: tuple, state: dict
     ) -> tuple[_Kept, AttentionResult | None]:
         """Compute the kept part of the cache for a refresh: ``-> (kept, its fresh (out, lse) or None)``."""
-        router = self._router
-        if router is None or not router.routes(external):
+        plan = None if self._router is None else self._router.route(external, state.get("centroids"))
+        if plan is None:
             fresh = proceed(external)
             return _Kept(signature, self._store(fresh), None), fresh
-        plan = router.plan(external, state.get("centroids"))
         state["centroids"] = plan.centroids  # warm start of the next refresh, kept across chunks
         routed, remainder = split_routing(plan)
         fresh = None if remainder is None else run_plan(remainder, external, proceed)
         return _Kept(signature, None if fresh is None else self._store(fresh), routed), fresh
+
+    def _warn_once(self, message: str) -> None:
+        ops.warn_once(message, seen=self._warned, stacklevel=4)
 
     def _store(self, result: AttentionResult) -> AttentionResult:
         out, lse = result
@@ -209,12 +263,4 @@ def _pinned(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor, non_blocking=True)
 
 
-class FlashBlockProcessor(AccelProcessor):
-    """:class:`~vidaccel.processors.base.AccelProcessor` running FlashBlock alone:
-    ``FlashBlockProcessor(config)`` is ``AccelProcessor(config)``."""
-
-    def __init__(self, config: FlashBlockConfig | None = None, *, backend: str = "auto") -> None:
-        config = FlashBlockConfig() if config is None else config
-        if not isinstance(config, FlashBlockConfig):
-            raise ValueError(f"config must be a vidaccel.FlashBlockConfig, got {type(config).__name__}")
-        super().__init__(config, backend=backend)
+FlashBlockProcessor = named_processor("FlashBlockProcessor", FlashBlockConfig, default=True)

@@ -3,8 +3,8 @@
 Self-attention of the *window branch* runs :func:`vidaccel.ops.window_attention` with the half-window
 of the training grid; the *full branch* runs dense self-attention; both with the temperature scale.
 A processor cannot fork the transformer's batch by itself: :class:`~vidaccel.pipelines.FreeSwimWanPipeline`
-does, and tells the processors the layout of each forward in
-``context.pipeline_state["freeswim"]`` (a :class:`FreeSwimBatch`):
+does, and tells the processors the layout of each forward (a :class:`FreeSwimBatch`, set with
+:func:`set_freeswim_batch` on the step context):
 
 - ``"dual"``: the batch is the window rows followed by as many full rows (same latent, same prompt).
   Cross-attention runs on the full rows only; its output replaces the window rows' and is cached per
@@ -21,23 +21,131 @@ row is a window row and cross-attention is left as it is. Example::
 
 from __future__ import annotations
 
-import warnings
+import math
 from dataclasses import dataclass
 
 import torch
 
 from vidaccel import ops
-from vidaccel.config import FreeSwimConfig
+from vidaccel._compat import renamed
 
-from .base import AccelProcessor, AttentionCall, AttentionResult, Method, Proceed
+from .base import AttentionCall, AttentionResult, Method, MethodConfig, Proceed, named_processor
 
-__all__ = ["FreeSwimBatch", "FreeSwimMethod", "FreeSwimProcessor", "STATE_KEY"]
+__all__ = [
+    "FreeSwim",
+    "FreeSwimBatch",
+    "FreeSwimConfig",
+    "FreeSwimProcessor",
+    "STATE_KEY",
+    "freeswim_batch_of",
+    "set_freeswim_batch",
+]
 
 STATE_KEY = "freeswim"
-"""Key of :class:`FreeSwimBatch` in ``context.pipeline_state`` and of the per-block cache in
-``context.module_state(attn)``."""
+"""Key of :class:`FreeSwimBatch` in the step context's ``pipeline_state`` and of the per-block cache
+in ``context.module_state(attn)``; use :func:`freeswim_batch_of` / :func:`set_freeswim_batch`."""
 
 MODES = ("dual", "cached", "window")
+
+
+@dataclass
+class FreeSwimConfig(MethodConfig):
+    """FreeSwim: inward sliding-window self-attention with the cross-attention override, for
+    generation above the model's training resolution (shared/METHODS.md, FreeSwim).
+
+    Meaning fields:
+        train_size: ``(height, width)`` in pixels the model was trained at, e.g. ``(480, 832)`` for
+            Wan2.1-1.3B; the half-window is half its token grid: ``(15, 26)``.
+        temperature: use the self-attention scale ``sqrt(log(N_target) / log(N_train) / d)`` with
+            ``N`` the tokens per frame at the target and at the training size.
+        cache_steps: ``FreeSwimWanPipeline`` runs the full-attention branch at the steps where
+            ``step % cache_steps == 0`` and reuses its cached cross-attention outputs in between.
+        offload_cache: keep those cached outputs (bf16, one per block) in CPU memory instead of on
+            the GPU (about 0.53 GB per block for Wan-1.3B at 1088×1920×81).
+        spatial_compression: pixels per token along height and width (Wan: VAE 8 × patch 2 = 16).
+        half_window: ``(d_h, d_w)`` in tokens, overriding the one derived from ``train_size``.
+        target_tokens: ``N_target`` for the temperature, overriding the target grid's tokens per
+            frame (the published code hard-codes 3120).
+
+    Performance fields:
+        tiles: ``((q_rows, q_cols), (k_rows, k_cols))``, the query and key tiles of the window
+            kernel (``None``: ``vidaccel.kernels.window.DEFAULT_TILES``).
+    """
+
+    train_size: tuple[int, int] = (480, 832)
+    temperature: bool = True
+    cache_steps: int = 1
+    offload_cache: bool = False
+    spatial_compression: int = 16
+    half_window: tuple[int, int] | None = None
+    target_tokens: int | None = None
+    tiles: tuple[tuple[int, int], tuple[int, int]] | None = None
+
+    def __post_init__(self):
+        self.check_range("cache_steps", low=1, integer=True)
+        self.check_range("spatial_compression", low=1, integer=True)
+        for name in ("temperature", "offload_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FreeSwimConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not _int_pair(self.train_size, self.spatial_compression):
+            raise ValueError(
+                f"FreeSwimConfig.train_size must be (height, width), two ints >= spatial_compression "
+                f"({self.spatial_compression}), got {self.train_size!r}"
+            )
+        self.train_size = tuple(self.train_size)
+        if self.half_window is not None:
+            if not _int_pair(self.half_window, 0):
+                raise ValueError(
+                    f"FreeSwimConfig.half_window must be None or two ints >= 0, got {self.half_window!r}"
+                )
+            self.half_window = tuple(self.half_window)
+        if self.target_tokens is not None:
+            self.check_range("target_tokens", low=1, integer=True)
+        if self.tiles is not None:
+            if not (
+                isinstance(self.tiles, (tuple, list))
+                and len(self.tiles) == 2
+                and all(_int_pair(t, 1) for t in self.tiles)
+            ):
+                raise ValueError(
+                    f"FreeSwimConfig.tiles must be None or ((q_rows, q_cols), (k_rows, k_cols)) of ints >= 1, got {self.tiles!r}"
+                )
+            self.tiles = tuple(tuple(t) for t in self.tiles)
+
+    @property
+    def train_grid(self) -> tuple[int, int]:
+        """Token rows and columns of one frame at ``train_size``, e.g. ``(30, 52)``."""
+        return self.train_size[0] // self.spatial_compression, self.train_size[1] // self.spatial_compression
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The half-window ``(d_h, d_w)`` in tokens: ``half_window`` or half the training grid."""
+        if self.half_window is not None:
+            return self.half_window
+        return self.train_grid[0] // 2, self.train_grid[1] // 2
+
+    def attention_scale(self, frame_tokens: int, head_dim: int) -> float | None:
+        """Self-attention scale at ``frame_tokens`` tokens per frame, or ``None`` (``1/sqrt(d)``)
+        without ``temperature``. ``sqrt(log_{N_train}(N_target) / d)``, never below ``1/sqrt(d)``
+        (a target smaller than the training size is not sharpened the other way)."""
+        if not self.temperature:
+            return None
+        n_train = self.train_grid[0] * self.train_grid[1]
+        n_target = self.target_tokens if self.target_tokens is not None else frame_tokens
+        if n_train <= 1 or n_target <= n_train:
+            return None
+        return math.sqrt(math.log(n_target) / math.log(n_train) / head_dim)
+
+    def build(self) -> Method:
+        return FreeSwim(self)
+
+
+def _int_pair(value, low: int) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in value)
+    )
 
 
 @dataclass(frozen=True)
@@ -64,8 +172,21 @@ class FreeSwimBatch:
         return 2 * self.window_rows if self.mode == "dual" else self.window_rows
 
 
-class FreeSwimMethod(Method):
-    """The runtime of :class:`~vidaccel.config.FreeSwimConfig` (see the module docstring)."""
+def freeswim_batch_of(context) -> FreeSwimBatch | None:
+    """The batch layout a FreeSwim pipeline announced for the current forward, or ``None``."""
+    return None if context is None else context.pipeline_state.get(STATE_KEY)
+
+
+def set_freeswim_batch(context, batch: FreeSwimBatch | None) -> None:
+    """Announce the batch layout of the next forwards on ``context`` (``None``: no layout)."""
+    if batch is None:
+        context.pipeline_state.pop(STATE_KEY, None)
+    else:
+        context.pipeline_state[STATE_KEY] = batch
+
+
+class FreeSwim(Method):
+    """The runtime of :class:`FreeSwimConfig` (see the module docstring)."""
 
     kinds = frozenset({"self", "cross"})
     needs_context = True
@@ -78,7 +199,7 @@ class FreeSwimMethod(Method):
         context = call.context
         if context is None:
             return proceed(call)  # the processor has warned: no grid, no batch layout
-        batch = context.pipeline_state.get(STATE_KEY)
+        batch = freeswim_batch_of(context)
         if batch is not None and call.q.shape[0] != batch.batch_size:
             raise RuntimeError(
                 f"FreeSwim: the pipeline announced a {batch.mode!r} batch of {batch.batch_size} rows, but "
@@ -155,18 +276,16 @@ class FreeSwimMethod(Method):
         return host.copy_(tensor, non_blocking=True)
 
     def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(message, stacklevel=4)
+        ops.warn_once(message, seen=self._warned, stacklevel=5)
 
 
-class FreeSwimProcessor(AccelProcessor):
-    """:class:`AccelProcessor` with one :class:`~vidaccel.config.FreeSwimConfig`.
+FreeSwimProcessor = named_processor("FreeSwimProcessor", FreeSwimConfig, default=True)
 
-    Install it on a ``FreeSwimWanPipeline`` (``pipe.set_attn_processor(FreeSwimProcessor(config))``) for
-    the dual path; on other pipelines through ``vidaccel.apply(pipe, config)`` it serves window
-    attention (with the temperature) alone.
-    """
+"""Install it on a ``FreeSwimWanPipeline`` (``pipe.set_attn_processor(FreeSwimProcessor(config))``) for
+the dual path; on other pipelines through ``vidaccel.apply(pipe, config)`` it serves window attention
+(with the temperature) alone."""
 
-    def __init__(self, config: FreeSwimConfig | None = None, *, backend: str = "auto") -> None:
-        super().__init__(FreeSwimConfig() if config is None else config, backend=backend)
+
+__getattr__ = renamed(
+    __name__, {"FreeSwimMethod": ("vidaccel.processors.freeswim.FreeSwim", lambda: FreeSwim)}
+)

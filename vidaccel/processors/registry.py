@@ -32,7 +32,9 @@ class ModelAdapter(Protocol):
     def read_inputs(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> ForwardInputs:
         """Grid, batch and timestep of one forward, from its arguments."""
 
-    def forward(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, attend: Callable):
+    def forward(
+        self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, attend: Callable
+    ):
         """One attention-module call, with ``attend(kind, q, k, v, attention_mask=None)`` for the attention."""
 
 
@@ -53,10 +55,18 @@ def adapter_for_model(model: torch.nn.Module) -> ModelAdapter:
     return adapter
 
 
+_BY_ATTENTION_CLASS: dict[type[torch.nn.Module], ModelAdapter] = {}
+"""Adapter per attention-module class met so far: the processor's per-call lookup is one dict hit."""
+
+
 def adapter_for_attention(attn: torch.nn.Module) -> ModelAdapter:
     """The adapter whose attention class ``attn`` is; ``ValueError`` listing the supported ones otherwise."""
+    adapter = _BY_ATTENTION_CLASS.get(type(attn))
+    if adapter is not None:
+        return adapter
     for adapter in ADAPTERS.values():
         if isinstance(attn, adapter.attention_cls):
+            _BY_ATTENTION_CLASS[type(attn)] = adapter
             return adapter
     raise ValueError(
         f"vidaccel processors do not support attention modules of class {type(attn).__name__}; supported: "
