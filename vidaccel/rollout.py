@@ -185,12 +185,7 @@ class DenseKVCache(BufferedKVCache):
     """
 
     def __init__(self, capacity_tokens: int | None = None) -> None:
-        if capacity_tokens is not None and (
-            not isinstance(capacity_tokens, int) or isinstance(capacity_tokens, bool) or capacity_tokens < 1
-        ):
-            raise ValueError(
-                f"DenseKVCache.capacity_tokens must be an int in [1, inf) or None, got {capacity_tokens!r}"
-            )
+        check_count("DenseKVCache.capacity_tokens", capacity_tokens, 1, optional=True)
         super().__init__()
         self.capacity_tokens = capacity_tokens
         self._tail = 0
@@ -230,8 +225,7 @@ class RollingKVCache(BufferedKVCache):
     """
 
     def __init__(self, max_frames: int, sink_frames: int = 0) -> None:
-        if not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames < 1:
-            raise ValueError(f"RollingKVCache.max_frames must be an int in [1, inf), got {max_frames!r}")
+        check_count("RollingKVCache.max_frames", max_frames, 1)
         if (
             not isinstance(sink_frames, int)
             or isinstance(sink_frames, bool)
@@ -350,6 +344,16 @@ def set_kv_cache(context, attn: torch.nn.Module, cache: KVCache) -> KVCache:
     """Make ``cache`` the rollout KV cache of ``attn`` (released when the context resets); returns it."""
     context.module_state(attn)[_KV_CACHE_KEY] = cache
     return cache
+
+
+def check_count(name: str, value, low: int, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int ``>= low`` (``bool`` is not), or
+    ``None`` where ``optional``."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        suffix = " or None" if optional else ""
+        raise ValueError(f"{name} must be an int in [{low}, inf){suffix}, got {value!r}")
 
 
 def check_kv(k, v, buf_k, buf_v) -> None:

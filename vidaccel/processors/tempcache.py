@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from vidaccel import ops
 from vidaccel._compat import renamed
-from vidaccel.rollout import BufferedKVCache, RolloutState, kv_cache_of
+from vidaccel.rollout import BufferedKVCache, RolloutState, check_count, kv_cache_of
 
 from .base import AttentionCall, AttentionResult, Method, MethodConfig, Proceed, named_processor
 
@@ -180,12 +180,7 @@ class MergedKVCache(BufferedKVCache):
     def __init__(self, config: TempCacheConfig, rollout_tokens: int | None = None) -> None:
         if not isinstance(config, TempCacheConfig):
             raise ValueError(f"MergedKVCache needs a vidaccel.TempCacheConfig, got {type(config).__name__}")
-        if rollout_tokens is not None and (
-            not isinstance(rollout_tokens, int) or isinstance(rollout_tokens, bool) or rollout_tokens < 0
-        ):
-            raise ValueError(
-                f"MergedKVCache.rollout_tokens must be an int in [0, inf) or None, got {rollout_tokens!r}"
-            )
+        check_count("MergedKVCache.rollout_tokens", rollout_tokens, 0, optional=True)
         super().__init__()
         self.config = config
         self.rollout_tokens = rollout_tokens
