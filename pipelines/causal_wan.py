@@ -126,6 +126,7 @@ class CausalWanPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    runs_rollouts = True  # vidaccel.apply accepts rollout-only methods (TempCache, FlashBlock) here
     _optional_components = ["vae", "text_encoder", "tokenizer"]
 
     def __init__(self, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None) -> None:

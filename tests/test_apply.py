@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from _tiny import AffineConfig, RecordConfig, run, tiny_pipe
+from _tiny import AffineConfig, RecordConfig, run, tiny_causal_pipe, tiny_pipe
 from diffusers import WanPipeline
 from diffusers.hooks import HookRegistry
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
@@ -236,3 +236,38 @@ def test_compiled_transformer_with_vidaccel_matches_stock():
     finally:
         pipe.transformer = eager_transformer
     assert relative_error(compiled, stock) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "configs, needing",
+    [
+        ((vidaccel.TempCacheConfig(),), "TempCache acts"),
+        ((vidaccel.AnnSAConfig(top_k=2), vidaccel.FlashBlockConfig()), "FlashBlock acts"),
+        ((vidaccel.TempCacheConfig(), vidaccel.FlashBlockConfig()), "FlashBlock and TempCache act"),
+    ],
+)
+def test_rollout_only_methods_are_refused_where_no_rollout_runs(configs, needing):
+    """TempCache and FlashBlock change nothing on a WanPipeline: apply says so and changes nothing; on a
+    rollout pipeline, or a bare transformer (which cannot tell), they install."""
+    pipe = tiny_pipe(head_dim=64)
+    stock = dict(pipe.transformer.attn_processors)
+    message = f"{needing} on the KV cache of an autoregressive rollout, which WanPipeline does not run: use vidaccel.pipelines.CausalWanPipeline"
+    with pytest.raises(ValueError, match=message):
+        vidaccel.apply(pipe, *configs)
+    assert dict(pipe.transformer.attn_processors) == stock and context_of(pipe.transformer) is None
+    assert len(vidaccel.apply(pipe.transformer, *configs)) == 1
+    vidaccel.remove(pipe)
+    causal, _ = tiny_causal_pipe()
+    vidaccel.apply(causal, *configs)
+    vidaccel.remove(causal)
+
+
+def test_two_configs_of_one_method_are_refused():
+    pipe = tiny_pipe(head_dim=64)
+    stock = dict(pipe.transformer.attn_processors)
+    twice = (vidaccel.AnnSAConfig(top_k=2), vidaccel.AnnCAConfig(top_k=2), vidaccel.AnnSAConfig(top_k=3))
+    with pytest.raises(ValueError, match=r"configs\[2\] is a second AnnSAConfig: pass one config per method"):
+        vidaccel.apply(pipe, *twice)
+    assert dict(pipe.transformer.attn_processors) == stock  # nothing installed
+    with pytest.raises(ValueError, match="a second TempCacheConfig"):
+        vidaccel.apply(pipe.transformer, vidaccel.TempCacheConfig(), vidaccel.TempCacheConfig(threshold=0.9))

@@ -370,10 +370,13 @@ def test_kept_state_lives_during_a_chunk_and_is_released_at_commit_and_generatio
 
 
 def test_outside_a_rollout_calls_run_unchanged_with_one_warning():
+    """On a bare transformer apply cannot tell whether a rollout will run: FlashBlock is installed and
+    says so at its first call outside one (on a pipeline that runs none, apply refuses it:
+    tests/test_apply.py)."""
     pipe = tiny_pipe(head_dim=64)
     vidaccel.apply(pipe)
     dense = run(pipe)
-    vidaccel.apply(pipe, FlashBlockConfig())
+    vidaccel.apply(pipe.transformer, FlashBlockConfig())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = run(pipe)

@@ -41,14 +41,17 @@ def apply(pipe_or_transformer, *configs: MethodConfig, backend: str = "auto") ->
     Returns the installed processors, one per transformer, each shared by all its attention modules.
     Applying again replaces the processors and keeps the step context (and its caches); ``remove``
     still restores the processors from before the first ``apply``. Raises ``ValueError`` for an
-    unsupported model (naming the supported classes) or a bad argument, and ``NotImplementedError``
+    unsupported model (naming the supported classes), a bad argument, two configs of one method, or a
+    rollout-only method (TempCache, FlashBlock) on a pipeline that runs no rollout, and ``NotImplementedError``
     for a transformer set up for context parallelism; in both cases nothing is changed.
     """
     transformers = _transformers(pipe_or_transformer)
     adapters = [adapter_for_model(transformer) for transformer in transformers]
     for transformer in transformers:
         check_no_context_parallel(getattr(transformer, "_parallel_config", None), type(transformer).__name__)
+    _check_one_config_per_method(configs)
     processors = [AccelProcessor(*configs, backend=backend) for _ in transformers]
+    _check_rollout_methods(pipe_or_transformer, processors[0])
 
     for transformer, adapter, processor in zip(transformers, adapters, processors, strict=True):
         if transformer not in _SAVED:
@@ -58,6 +61,36 @@ def apply(pipe_or_transformer, *configs: MethodConfig, backend: str = "auto") ->
             attn.set_processor(processor)
         attach_context(transformer, layers, adapter.read_inputs)
     return processors
+
+
+def _check_one_config_per_method(configs) -> None:
+    """Two configs of one of vidaccel's methods would run it twice on every call (a second TempCache
+    cache, two routings): refuse them. A user's own method may stack (``AccelProcessor`` chains
+    whatever it is given)."""
+    seen: set[type] = set()
+    for position, config in enumerate(configs):
+        kind = type(config)
+        if kind in seen and kind.__module__.startswith("vidaccel."):
+            raise ValueError(f"configs[{position}] is a second {kind.__name__}: pass one config per method")
+        seen.add(kind)
+
+
+def _check_rollout_methods(pipe_or_transformer, processor: AccelProcessor) -> None:
+    """Refuse a method that acts only inside an autoregressive rollout on a pipeline that runs none
+    (its ``runs_rollouts`` is not set); a bare transformer cannot tell, and the method warns at its
+    first call outside a rollout instead."""
+    if isinstance(pipe_or_transformer, torch.nn.Module) or getattr(
+        pipe_or_transformer, "runs_rollouts", False
+    ):
+        return
+    needing = [type(method).__name__ for method in processor.methods if method.needs_rollout]
+    if needing:
+        raise ValueError(
+            f"{' and '.join(needing)} act{'s' if len(needing) == 1 else ''} on the KV cache of an autoregressive "
+            f"rollout, which {type(pipe_or_transformer).__name__} does not run: use vidaccel.pipelines.CausalWanPipeline "
+            "(any Wan checkpoint, chunk by chunk) or WorldModelPipeline, or leave "
+            f"{' and '.join(needing)} out"
+        )
 
 
 # Attributes diffusers sets on a processor instance (``set_attention_backend``, ``enable_parallelism``)

@@ -207,6 +207,9 @@ class Method(ABC):
 
     kinds: ClassVar[frozenset[str]] = frozenset()
     needs_context: ClassVar[bool] = False
+    needs_rollout: ClassVar[bool] = False
+    """The method acts only inside an autoregressive rollout (TempCache, FlashBlock): ``vidaccel.apply``
+    refuses it on a pipeline that runs none (one without ``runs_rollouts``)."""
     chain_rank: ClassVar[int] = 0
     """Methods run in ascending ``chain_rank``, ties in the order of the configs. A method that must
     see a call before others restructure it has a lower rank (FlashBlock: -1, it splits the rollout's

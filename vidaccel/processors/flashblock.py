@@ -148,6 +148,7 @@ class FlashBlock(Method):
 
     kinds = frozenset({"self"})
     needs_context = True
+    needs_rollout = True
     chain_rank = -1  # it must split the cache from the own keys before AnnSA permutes them together
 
     def __init__(self, config: FlashBlockConfig) -> None:

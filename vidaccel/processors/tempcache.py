@@ -125,6 +125,7 @@ class TempCache(Method):
 
     kinds = frozenset({"self"})
     needs_context = True
+    needs_rollout = True
 
     def __init__(self, config: TempCacheConfig) -> None:
         super().__init__(config)
