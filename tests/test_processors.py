@@ -1,5 +1,6 @@
 """AccelProcessor and the Wan adapter: exact against diffusers' stock processor; method composition."""
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -30,13 +31,17 @@ def _install_apply(pipe):
     vidaccel.apply(pipe)
 
 
-@pytest.mark.parametrize("install", [_install_shared, _install_per_module, _install_apply], ids=lambda f: f.__name__[9:])
+@pytest.mark.parametrize(
+    "install", [_install_shared, _install_per_module, _install_apply], ids=lambda f: f.__name__[9:]
+)
 @pytest.mark.parametrize("output_type", ["latent", "pt"])
 def test_dense_matches_stock_pipeline(install, output_type):
     pipe = tiny_pipe()
     stock = run(pipe, output_type=output_type)
     install(pipe)
-    assert all(isinstance(p, AccelProcessor) and not p.methods for p in pipe.transformer.attn_processors.values())
+    assert all(
+        isinstance(p, AccelProcessor) and not p.methods for p in pipe.transformer.attn_processors.values()
+    )
     ours = run(pipe, output_type=output_type)
     assert ours.shape == stock.shape
     assert relative_error(ours, stock) <= TOL
@@ -53,7 +58,9 @@ def test_dense_on_the_triton_kernel_matches_stock_pipeline():
 def test_dense_matches_stock_with_fused_projections():
     pipe = tiny_pipe()
     pipe.transformer.fuse_qkv_projections()
-    assert pipe.transformer.blocks[0].attn1.fused_projections and hasattr(pipe.transformer.blocks[0].attn2, "to_kv")
+    assert pipe.transformer.blocks[0].attn1.fused_projections and hasattr(
+        pipe.transformer.blocks[0].attn2, "to_kv"
+    )
     stock = run(pipe)
     pipe.transformer.set_attn_processor(DenseProcessor())
     assert relative_error(run(pipe), stock) <= TOL
@@ -66,7 +73,9 @@ def test_dense_matches_stock_i2v_pipeline():
     record = RecordConfig(kinds=("cross_image",), needs_context=False)
     pipe.transformer.set_attn_processor(AccelProcessor(record))
     assert relative_error(run(pipe, image=image), stock) <= TOL
-    assert record.log and {(r.seq_q, r.seq_k) for r in record.log} == {(18, 5)}  # 18 video tokens, 5 image tokens
+    assert record.log and {(r.seq_q, r.seq_k) for r in record.log} == {
+        (18, 5)
+    }  # 18 video tokens, 5 image tokens
 
 
 def _module_case(case, fused):
@@ -81,7 +90,12 @@ def _module_case(case, fused):
     else:
         added = dim if case == "i2v" else None
         attn = WanAttention(
-            dim, heads, head_dim, added_kv_proj_dim=added, cross_attention_dim_head=head_dim, processor=WanAttnProcessor()
+            dim,
+            heads,
+            head_dim,
+            added_kv_proj_dim=added,
+            cross_attention_dim_head=head_dim,
+            processor=WanAttnProcessor(),
         )
         context_len = 5 + 512 if case == "i2v" else 16
         args = (hidden, torch.randn(batch, context_len, dim, generator=gen), None, None)
@@ -172,13 +186,19 @@ def test_a_method_changes_the_call_for_the_rest_of_the_chain():
 def test_composition_on_the_tiny_pipeline_follows_kinds():
     pipe = tiny_pipe()
     log = []
-    vidaccel.apply(pipe, AffineConfig(name="a", kinds=("self", "cross"), log=log), AffineConfig(name="b", kinds=("self",), log=log))
+    vidaccel.apply(
+        pipe,
+        AffineConfig(name="a", kinds=("self", "cross"), log=log),
+        AffineConfig(name="b", kinds=("self",), log=log),
+    )
     run(pipe, steps=1, guidance_scale=1.0)  # one forward: 2 blocks x (self, cross)
     assert log == [("a", "self"), ("b", "self"), ("a", "cross")] * 2
 
 
 def test_processor_rejects_bad_arguments():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'reference'\), got 'cuda'"):
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \('auto', 'triton', 'reference'\), got 'cuda'"
+    ):
         AccelProcessor(backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         DenseProcessor(backend="flash")
@@ -240,9 +260,13 @@ def test_tiny_pipeline_shapes_and_determinism():
     pipe, again = tiny_pipe(seed=4, heads=3, head_dim=64), tiny_pipe(seed=4, heads=3, head_dim=64)
     attn = pipe.transformer.blocks[0].attn1
     assert (attn.heads, attn.inner_dim) == (3, 192)
-    for a, b in zip(pipe.transformer.state_dict().values(), again.transformer.state_dict().values(), strict=True):
+    for a, b in zip(
+        pipe.transformer.state_dict().values(), again.transformer.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
-    assert not torch.equal(attn.to_q.weight, tiny_pipe(seed=5, heads=3, head_dim=64).transformer.blocks[0].attn1.to_q.weight)
+    assert not torch.equal(
+        attn.to_q.weight, tiny_pipe(seed=5, heads=3, head_dim=64).transformer.blocks[0].attn1.to_q.weight
+    )
     assert tiny_prompt_embeds(pipe, seed=1).shape == (1, 16, 32)
     assert torch.equal(tiny_prompt_embeds(pipe, seed=1), tiny_prompt_embeds(again, seed=1))
     padded = tiny_prompt_embeds(pipe, seed=1, seq_len=4, pad_to=10)
@@ -262,3 +286,24 @@ def test_tiny_pipeline_dtype_keeps_fp32_modules():
     assert pipe.vae.dtype == torch.float32
     assert tiny_prompt_embeds(pipe).dtype == torch.bfloat16
     assert torch.isfinite(run(pipe, steps=1).float()).all()
+
+
+@pytest.mark.parametrize(
+    "config, field, bad",
+    [
+        (vidaccel.AnnSAConfig(top_k=2), "top_k", -5),
+        (vidaccel.AnnCAConfig(top_p=0.9), "top_p", 1.5),
+        (vidaccel.TempCacheConfig(), "threshold", 2.0),
+        (vidaccel.FlashBlockConfig(), "refresh_every", 0),
+        (vidaccel.FreeSwimConfig(), "cache_steps", 0),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, vidaccel.MethodConfig) else None,
+)
+def test_configs_cannot_skip_their_checks(config, field, bad):
+    """A field set after construction would skip the validation (top_k = -5 used to crash deep inside the
+    routing): vidaccel's configs are frozen, and dataclasses.replace validates again."""
+    with pytest.raises(dataclasses.FrozenInstanceError, match=f"cannot assign to field '{field}'"):
+        setattr(config, field, bad)
+    with pytest.raises(ValueError, match=f"{type(config).__name__}.{field} must be"):
+        dataclasses.replace(config, **{field: bad})
+    assert dataclasses.replace(config) == config

@@ -55,7 +55,7 @@ _MAX_PROMPTS = 4  # prompts remembered per layer (cond, uncond, and room for a c
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnnCAConfig(MethodConfig):
     """AnnCA: ANN-selected sparse cross-attention to the prompt (shared/METHODS.md).
 

@@ -57,7 +57,7 @@ AnnSAPlan = PermutedPlan
 """AnnSA's plan: a :class:`~vidaccel.processors.tokens.PermutedPlan`."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnnSAConfig(MethodConfig):
     """AnnSA: ANN-routed block-sparse self-attention (shared/METHODS.md).
 

@@ -81,13 +81,14 @@ AttentionResult = tuple[torch.Tensor, torch.Tensor]
 """``(out [B, Sq, H, Dv] in q's dtype, lse fp32 [B, H, Sq])``, what every link of the chain returns."""
 
 
-@dataclasses.dataclass
 class MethodConfig(ABC):
     """Base of every method's configuration.
 
     Subclasses are ``@dataclass`` es whose fields are the method's options. They validate every field
     in ``__post_init__`` (use :meth:`check_range`, which names the field and the allowed range in its
-    ``ValueError``) and implement :meth:`build`. A config is plain data: it holds no tensors and no
+    ``ValueError``) and implement :meth:`build`. vidaccel's own configs are frozen: validated once
+    when made, changed only through ``dataclasses.replace(config, top_k=8)``, which validates again
+    (a field set afterwards would skip the check: it raises ``dataclasses.FrozenInstanceError``). A config is plain data: it holds no tensors and no
     per-layer state, so one config may build the methods of many processors.
     """
 

@@ -55,7 +55,7 @@ __all__ = ["FlashBlock", "FlashBlockConfig", "FlashBlockProcessor", "split_routi
 _STATE_KEY = "flashblock"
 
 
-@dataclass
+@dataclass(frozen=True)
 class FlashBlockConfig(MethodConfig):
     """FlashBlock: reuse of the block-external attention across a chunk's denoising steps
     (shared/METHODS.md, FlashBlock), for autoregressive rollouts (``CausalWanPipeline``).

@@ -48,7 +48,7 @@ in ``context.module_state(attn)``; use :func:`freeswim_batch_of` / :func:`set_fr
 MODES = ("dual", "cached", "window")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FreeSwimConfig(MethodConfig):
     """FreeSwim: inward sliding-window self-attention with the cross-attention override, for
     generation above the model's training resolution (shared/METHODS.md, FreeSwim).
@@ -92,13 +92,13 @@ class FreeSwimConfig(MethodConfig):
                 f"FreeSwimConfig.train_size must be (height, width), two ints >= spatial_compression "
                 f"({self.spatial_compression}), got {self.train_size!r}"
             )
-        self.train_size = tuple(self.train_size)
+        object.__setattr__(self, "train_size", tuple(self.train_size))  # frozen: normalised once
         if self.half_window is not None:
             if not _int_pair(self.half_window, 0):
                 raise ValueError(
                     f"FreeSwimConfig.half_window must be None or two ints >= 0, got {self.half_window!r}"
                 )
-            self.half_window = tuple(self.half_window)
+            object.__setattr__(self, "half_window", tuple(self.half_window))
         if self.target_tokens is not None:
             self.check_range("target_tokens", low=1, integer=True)
         if self.tiles is not None:
@@ -110,7 +110,7 @@ class FreeSwimConfig(MethodConfig):
                 raise ValueError(
                     f"FreeSwimConfig.tiles must be None or ((q_rows, q_cols), (k_rows, k_cols)) of ints >= 1, got {self.tiles!r}"
                 )
-            self.tiles = tuple(tuple(t) for t in self.tiles)
+            object.__setattr__(self, "tiles", tuple(tuple(t) for t in self.tiles))
 
     @property
     def train_grid(self) -> tuple[int, int]:

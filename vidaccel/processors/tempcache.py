@@ -32,7 +32,7 @@ from .base import AttentionCall, AttentionResult, Method, MethodConfig, Proceed,
 __all__ = ["MergedKVCache", "TempCache", "TempCacheConfig", "TempCacheProcessor"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TempCacheConfig(MethodConfig):
     """TempCache: temporal KV-cache compression for autoregressive rollouts (shared/METHODS.md).
 
