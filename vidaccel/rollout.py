@@ -129,7 +129,7 @@ class BufferedKVCache(KVCache):
         return sum(t.numel() * t.element_size() for t in (self._k, self._v) if t is not None)
 
     def extend(self, k, v):
-        check_kv(k, v, self._k, self._v)
+        _check_kv(k, v, self._k, self._v)
         if self._filled == 0:
             return k, v, None
         seq = k.shape[1]
@@ -154,10 +154,10 @@ class BufferedKVCache(KVCache):
 
     def _start_commit(self, k, v, k_pre, frame_index) -> tuple[int, int]:
         """Checks shared by every commit, and the chunk's layout: ``-> (frames, tokens per frame)``."""
-        check_kv(k, v, self._k, self._v)
-        check_commit(k, k_pre, frame_index)
+        _check_kv(k, v, self._k, self._v)
+        _check_commit(k, k_pre, frame_index)
         self._remember_layout(k, v)
-        frames = count_frames(frame_index, k.shape[1], self)
+        frames = _count_frames(frame_index, k.shape[1], self)
         per_frame = k.shape[1] // frames
         if self._tokens_per_frame and per_frame != self._tokens_per_frame:
             raise ValueError(
@@ -356,7 +356,7 @@ def check_count(name: str, value, low: int, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be an int in [{low}, inf){suffix}, got {value!r}")
 
 
-def check_kv(k, v, buf_k, buf_v) -> None:
+def _check_kv(k, v, buf_k, buf_v) -> None:
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -377,7 +377,7 @@ def check_kv(k, v, buf_k, buf_v) -> None:
             )
 
 
-def check_commit(k, k_pre, frame_index) -> None:
+def _check_commit(k, k_pre, frame_index) -> None:
     if k_pre is not None and (not isinstance(k_pre, torch.Tensor) or k_pre.shape != k.shape):
         got = tuple(k_pre.shape) if isinstance(k_pre, torch.Tensor) else type(k_pre).__name__
         raise ValueError(f"k_pre must be None or a tensor of k's shape {tuple(k.shape)}, got {got}")
@@ -396,7 +396,7 @@ def check_commit(k, k_pre, frame_index) -> None:
         raise ValueError(f"frame_index must be an integer (int64) tensor, got {frame_index.dtype}")
 
 
-def count_frames(frame_index: torch.Tensor, seq: int, cache: KVCache) -> int:
+def _count_frames(frame_index: torch.Tensor, seq: int, cache: KVCache) -> int:
     """Number of frames in a committed chunk. Frames are contiguous and equal in size, so the first
     frame's token count gives it; one small host sync per commit (not per call)."""
     per_frame = int((frame_index == frame_index[0]).sum())
